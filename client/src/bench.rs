@@ -1,0 +1,181 @@
+//! `treaty bench`: closed-loop load in the shape of etcd's benchmark tool, so
+//! figures compare side by side. Each client sends its next request when the
+//! previous one returns; clients are spread round-robin over `--connections`
+//! (each connection goes to the next endpoint). Keys are the zero-padded
+//! decimal of a uniform random index in `[0, --key-space)` (16 bytes); values
+//! are `--value-size` random bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::{Client, Txn, Write};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// One put per request.
+    Put,
+    /// One transaction of 4 puts on distinct keys per request.
+    Txn4,
+    /// One linearizable read of a preloaded key per request.
+    Get,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "put")]
+    pub workload: Workload,
+    /// Concurrent closed-loop clients.
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// TCP connections the clients share (at most one per client).
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// Total requests.
+    #[arg(long, default_value_t = 10_000)]
+    pub ops: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    pub key_space: u64,
+    /// Give up after this many seconds even if not all requests were sent.
+    #[arg(long, default_value_t = 300)]
+    pub max_seconds: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("{i:016}").into_bytes()
+}
+
+pub async fn run(endpoints: Vec<String>, args: BenchArgs) -> i32 {
+    if args.clients == 0 || args.ops == 0 || args.key_space < 4 {
+        eprintln!("error: --clients and --ops must be at least 1 and --key-space at least 4");
+        return 2;
+    }
+    let conns = args.connections.clamp(1, args.clients);
+    let clients: Vec<Arc<Client>> = (0..conns)
+        .map(|i| {
+            let mut eps = endpoints.clone();
+            eps.rotate_left(i % endpoints.len());
+            Arc::new(Client::new(eps))
+        })
+        .collect();
+    if args.workload == Workload::Get {
+        let preload = args.key_space.min(args.ops.max(1000));
+        eprintln!("preloading {preload} keys...");
+        let value = vec![b'x'; args.value_size];
+        let mut start = 0;
+        while start < preload {
+            let end = (start + 64).min(preload);
+            let writes = (start..end).map(|i| Write::Put(key(i), value.clone())).collect();
+            if let Err(e) = clients[0].commit(Txn::new(vec![], writes)).await {
+                eprintln!("error: preload failed: {e}");
+                return 3;
+            }
+            start = end;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let key_space =
+        if args.workload == Workload::Get { args.key_space.min(args.ops.max(1000)) } else { args.key_space };
+    let remaining = Arc::new(AtomicU64::new(args.ops));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let client = clients[c % conns].clone();
+            let remaining = remaining.clone();
+            let errors = errors.clone();
+            let first_error = first_error.clone();
+            let workload = args.workload;
+            let value_size = args.value_size;
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64 + 1);
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                while remaining.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1)).is_ok() {
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    let t0 = Instant::now();
+                    let result = match workload {
+                        Workload::Put => {
+                            let mut v = vec![0u8; value_size];
+                            rng.fill_bytes(&mut v);
+                            client.put(&key(rng.gen_range(0..key_space)), &v).await.map(|_| ())
+                        }
+                        Workload::Txn4 => {
+                            let mut keys = std::collections::BTreeSet::new();
+                            while keys.len() < 4 {
+                                keys.insert(rng.gen_range(0..key_space));
+                            }
+                            let writes = keys
+                                .into_iter()
+                                .map(|k| {
+                                    let mut v = vec![0u8; value_size];
+                                    rng.fill_bytes(&mut v);
+                                    Write::Put(key(k), v)
+                                })
+                                .collect();
+                            client.commit(Txn::new(vec![], writes)).await.map(|_| ())
+                        }
+                        Workload::Get => client.get(&key(rng.gen_range(0..key_space))).await.map(|_| ()),
+                    };
+                    let micros = t0.elapsed().as_micros().max(1) as u64;
+                    match result {
+                        Ok(()) => {
+                            let _ = hist.record(micros);
+                        }
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            first_error.lock().unwrap().get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                hist
+            })
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    for t in tasks {
+        hist.add(t.await.expect("bench client panicked")).expect("histogram merge");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = hist.len();
+    let errs = errors.load(Ordering::Relaxed);
+    let ops_per_sec = ok as f64 / elapsed;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let name = format!("{:?}", args.workload).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": name, "clients": args.clients, "connections": conns, "value_size": args.value_size,
+                "ops": ok, "errors": errs, "seconds": elapsed, "ops_per_sec": ops_per_sec,
+                "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
+            })
+        );
+    } else {
+        println!(
+            "{name}: {ok} ok, {errs} errors in {elapsed:.2} s = {ops_per_sec:.0} ops/s  latency p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms  (clients {}, connections {conns}, value {} B)",
+            ms(0.5), ms(0.99), ms(0.999), hist.max() as f64 / 1000.0, args.clients, args.value_size
+        );
+    }
+    if let Some(e) = first_error.lock().unwrap().take() {
+        eprintln!("first error: {e}");
+    }
+    if errs > 0 {
+        1
+    } else {
+        0
+    }
+}

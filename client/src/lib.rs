@@ -1,0 +1,227 @@
+//! Treaty's Rust client.
+//!
+//! ```no_run
+//! # async fn demo() -> treaty_client::Result<()> {
+//! use treaty_client::{Client, Condition};
+//! let client = Client::new(vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into()]);
+//! client.put(b"balance/alice", b"100").await?;
+//! let committed = client
+//!     .txn()
+//!     .when(Condition::ValueEquals(b"balance/alice".to_vec(), b"100".to_vec()))
+//!     .put(b"balance/alice", b"90")
+//!     .put(b"balance/bob", b"10")
+//!     .commit()
+//!     .await?;
+//! println!("committed at index {}", committed.index);
+//! # Ok(()) }
+//! ```
+//!
+//! The client talks to participants (any of them: each serves reads locally
+//! and forwards writes to the coordinator). If an endpoint is unreachable or
+//! still catching up, the next one is tried. A transaction keeps its id across
+//! retries, so a retry after a timeout never applies twice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use treaty_common::rpc::{self, ClusterStatus, NodeStatus, ParticipantServiceClient, Peer};
+pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
+
+pub mod batch;
+pub mod bench;
+pub mod demo;
+pub mod repl;
+pub mod script;
+
+/// How a read is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Sees every transaction committed before the read started (waits for
+    /// prepared writes to the key to resolve).
+    Linearizable,
+    /// Whatever the replica has applied, immediately, even if it is behind.
+    Stale,
+}
+
+/// A connection to a Treaty cluster through a list of participant endpoints.
+pub struct Client {
+    peers: Vec<Peer<ParticipantServiceClient>>,
+    current: AtomicUsize,
+    timeout: Duration,
+    retries: usize,
+}
+
+impl Client {
+    /// A client for these participant endpoints (`host:port`). Connects lazily.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        assert!(!endpoints.is_empty(), "at least one endpoint");
+        Client {
+            peers: endpoints
+                .into_iter()
+                .map(|e| Peer::new(format!("endpoint {e}"), e).with_max_call(Duration::from_secs(21)))
+                .collect(),
+            current: AtomicUsize::new(0),
+            timeout: Duration::from_secs(20),
+            retries: 3,
+        }
+    }
+
+    /// Sets the per-request deadline (default 20 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        let peers = std::mem::take(&mut self.peers);
+        self.peers = peers.into_iter().map(|p| p.with_max_call(timeout + Duration::from_secs(1))).collect();
+        self
+    }
+
+    /// The endpoint requests currently go to.
+    pub fn endpoint(&self) -> &str {
+        &self.peers[self.current.load(Ordering::Relaxed) % self.peers.len()].addr
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// Runs `f` on the current endpoint, failing over to the next on
+    /// connection failures and on "not ready" answers.
+    async fn with_failover<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(ParticipantServiceClient) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Result<T>, tarpc::client::RpcError>>,
+    {
+        let n = self.peers.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_err = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match self.peers[idx].call_raw(&f).await {
+                Ok(Ok(v)) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(e @ Error::NotReady(_))) | Err(e) => last_err = Some(e),
+                Ok(Err(e)) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Err(last_err.expect("at least one endpoint"))
+    }
+
+    /// Reads a key linearizably. `Ok(None)` means the key does not exist.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
+        self.get_with(key, ReadMode::Linearizable).await
+    }
+
+    pub async fn get_with(&self, key: &[u8], mode: ReadMode) -> Result<Option<Versioned>> {
+        treaty_common::types::check_key(key)?;
+        let timeout = self.timeout;
+        self.with_failover(|c| {
+            let key = key.to_vec();
+            async move { c.get(rpc::deadline(timeout), key, mode == ReadMode::Stale).await }
+        })
+        .await
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Committed> {
+        self.commit(Txn::new(vec![], vec![Write::Put(key.to_vec(), value.to_vec())])).await
+    }
+
+    pub async fn delete(&self, key: &[u8]) -> Result<Committed> {
+        self.commit(Txn::new(vec![], vec![Write::Delete(key.to_vec())])).await
+    }
+
+    /// Compare-and-swap: sets `key` to `new` if it currently holds `expected`
+    /// (`None`: if it is missing).
+    pub async fn cas(&self, key: &[u8], expected: Option<&[u8]>, new: &[u8]) -> Result<Committed> {
+        let cond = match expected {
+            Some(v) => Condition::ValueEquals(key.to_vec(), v.to_vec()),
+            None => Condition::Missing(key.to_vec()),
+        };
+        self.commit(Txn::new(vec![cond], vec![Write::Put(key.to_vec(), new.to_vec())])).await
+    }
+
+    /// Starts building a transaction.
+    pub fn txn(&self) -> TxnBuilder<'_> {
+        TxnBuilder { client: self, txn: Txn::new(vec![], vec![]) }
+    }
+
+    /// Submits a transaction. Retryable failures (conflicts, a briefly
+    /// unreachable node) are retried a few times under the same id.
+    pub async fn commit(&self, txn: Txn) -> Result<Committed> {
+        txn.validate()?;
+        let timeout = self.timeout;
+        let mut attempt = 0;
+        loop {
+            let r = self
+                .with_failover(|c| {
+                    let txn = txn.clone();
+                    async move { c.submit(rpc::deadline(timeout), txn).await }
+                })
+                .await;
+            match r {
+                Err(Error::Conflict(_)) | Err(Error::InDoubt(_)) if attempt < self.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// What became of a transaction id: committed (with its index), never
+    /// took effect (`Aborted`), or still running (`Pending`). Useful after a
+    /// timeout, instead of resubmitting.
+    pub async fn outcome(&self, txn_id: TxnId) -> Result<treaty_common::rpc::Outcome> {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        self.with_failover(|c| async move { c.txn_outcome(rpc::deadline(timeout), txn_id).await }).await
+    }
+
+    /// The whole cluster's status, as the coordinator sees it.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        self.with_failover(|c| async move { c.cluster_status(rpc::deadline(timeout)).await }).await
+    }
+
+    /// Each endpoint's own status (works without the coordinator).
+    pub async fn node_statuses(&self) -> Vec<(String, Result<NodeStatus>)> {
+        let futs = self.peers.iter().map(|p| async move {
+            let s = p.call_raw(|c| async move { c.node_status(rpc::deadline(Duration::from_secs(2))).await }).await;
+            (p.addr.clone(), s)
+        });
+        futures::future::join_all(futs).await
+    }
+}
+
+/// Builds a transaction: conditions first, then writes.
+pub struct TxnBuilder<'a> {
+    client: &'a Client,
+    txn: Txn,
+}
+
+impl TxnBuilder<'_> {
+    pub fn when(mut self, c: Condition) -> Self {
+        self.txn.conditions.push(c);
+        self
+    }
+
+    pub fn put(mut self, key: &[u8], value: &[u8]) -> Self {
+        self.txn.writes.push(Write::Put(key.to_vec(), value.to_vec()));
+        self
+    }
+
+    pub fn delete(mut self, key: &[u8]) -> Self {
+        self.txn.writes.push(Write::Delete(key.to_vec()));
+        self
+    }
+
+    pub fn build(self) -> Txn {
+        self.txn
+    }
+
+    pub async fn commit(self) -> Result<Committed> {
+        self.client.commit(self.txn).await
+    }
+}

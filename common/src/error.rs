@@ -1,0 +1,60 @@
+//! One serializable error type for every RPC and the client API.
+//!
+//! Variants are split by what the caller should do. Retryable outcomes
+//! ([`Error::Unavailable`], [`Error::Conflict`], [`Error::NotReady`],
+//! [`Error::InDoubt`]) can be retried with the same transaction id, which is
+//! always safe. [`Error::ConditionFailed`] is a final outcome of a transaction.
+//! [`Error::Invalid`] is the caller's mistake. [`Error::Storage`] and
+//! [`Error::Identity`] need an operator.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Error {
+    /// The transaction aborted because a condition does not hold. Final: a
+    /// resubmission of the same id returns this again.
+    #[error("aborted: condition failed: {0}")]
+    ConditionFailed(String),
+    /// A node needed for the operation could not be reached in time.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The transaction could not get its locks in time; retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The node is starting up or catching up and cannot serve this yet.
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// The outcome is not known yet (a prepared transaction is undecided).
+    #[error("in doubt: {0}")]
+    InDoubt(String),
+    /// Bad input: over the limits, malformed, or not allowed.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// The node's data directory belongs to another cluster or node.
+    #[error("wrong cluster: {0}")]
+    Identity(String),
+    /// Local storage failed.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl Error {
+    /// Whether resubmitting the same request (same transaction id) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Conflict(_) | Error::NotReady(_) | Error::InDoubt(_))
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,90 @@
+//! Treaty's shared core.
+//!
+//! * [`types`]: keys, values, transactions, conditions, limits.
+//! * [`error`]: the one error type every RPC and the client API return.
+//! * [`protocol`]: the 2PC state machines, pure (no I/O).
+//! * [`storage`]: sled-backed data, WAL, decision log, durable group sync.
+//! * [`rpc`]: tarpc services, messages, TCP plumbing.
+//!
+//! The binaries (`treaty-coordinator`, `treaty-participant`, `treaty`) are thin
+//! layers of I/O around these.
+
+pub mod error;
+pub mod protocol;
+pub mod rpc;
+pub mod storage;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use types::{Committed, Condition, Key, Txn, TxnId, Value, Versioned, Write};
+
+/// The environment variable that configures failpoints, e.g.
+/// `TREATY_FAILPOINTS=participant::after_prepare_sync=return`.
+pub const FAILPOINTS_ENV: &str = "TREATY_FAILPOINTS";
+
+/// A named protocol step at which tests can kill the process. Configured
+/// through [`FAILPOINTS_ENV`] (`name=return` crashes there with `abort()`,
+/// like a `kill -9`; `name=sleep(ms)` delays; `name=pause` blocks).
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        ::fail::fail_point!($name, |_| {
+            ::tracing::error!(failpoint = $name, "failpoint hit: aborting the process");
+            eprintln!("treaty: failpoint {} hit: aborting", $name);
+            ::std::process::abort();
+        })
+    };
+}
+
+/// Loads failpoints from [`FAILPOINTS_ENV`]. Call once at startup.
+pub fn setup_failpoints() -> anyhow::Result<()> {
+    if let Ok(spec) = std::env::var(FAILPOINTS_ENV) {
+        for item in spec.split(';').filter(|s| !s.trim().is_empty()) {
+            let (name, action) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("bad {FAILPOINTS_ENV} entry {item:?}: expected NAME=ACTION"))?;
+            fail::cfg(name.trim(), action.trim())
+                .map_err(|e| anyhow::anyhow!("bad {FAILPOINTS_ENV} entry {item:?}: {e}"))?;
+            tracing::warn!(failpoint = name.trim(), action = action.trim(), "failpoint armed");
+        }
+    }
+    Ok(())
+}
+
+/// What both server binaries do before `run`: arm failpoints and bind the
+/// listener. On failure prints why (prefixed with `program`) and returns the
+/// exit status: 2 for a bad failpoint spec, 1 if the address cannot be bound.
+pub async fn start_server(program: &str, listen: &str) -> Result<tokio::net::TcpListener, i32> {
+    if let Err(e) = setup_failpoints() {
+        eprintln!("{program}: {e:#}");
+        return Err(2);
+    }
+    tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        eprintln!("{program}: cannot listen on {listen}: {e}");
+        1
+    })
+}
+
+/// Sets up tracing to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and `treaty demo` send).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+}

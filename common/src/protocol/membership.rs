@@ -1,0 +1,330 @@
+//! The coordinator's view of who is a replica, and who may serve reads.
+//!
+//! A *view* is an epoch and a set of member participant ids. Every PREPARE
+//! goes to exactly the members of the current view and carries its epoch.
+//! Members hold *read leases*, granted when they check in (`sync`), and only a
+//! member with a valid lease serves linearizable reads.
+//!
+//! Invariants:
+//! * A member is excluded only after every lease it was granted has expired
+//!   plus a clock-drift margin: at that point it surely no longer serves
+//!   linearizable reads, so commits without it cannot be missed by a reader.
+//! * A suspected member gets no new lease.
+//! * A participant is (re)admitted only when both directions work (it checks
+//!   in, and the coordinator's pings reach it), it holds nothing in doubt, and
+//!   it is within `join_gap` commits of the log's end. It gets a lease only
+//!   once it has applied everything up to its *join index* (the last commit
+//!   index when it was admitted); PREPAREs ask it to reach that index before
+//!   voting.
+//!
+//! Time is an input: every method takes `now` in milliseconds of the
+//! coordinator's monotonic clock. After a coordinator restart, all members are
+//! treated as holding a fresh lease (a previous incarnation may have granted
+//! one), so nobody is excluded before that would have expired.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// An epoch and its members. Stored durably by the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    pub epoch: u64,
+    pub members: BTreeSet<u64>,
+    /// Join index of each readmitted member (kept durably so that a
+    /// coordinator restart cannot let a half-caught-up member vote).
+    #[serde(default)]
+    pub joined_at: BTreeMap<u64, u64>,
+}
+
+/// Timing and size limits of failure detection (all in milliseconds).
+#[derive(Clone, Copy, Debug)]
+pub struct MembershipConfig {
+    /// A member silent (no check-in, or no answer to pings) this long is suspected.
+    pub detect_ms: u64,
+    /// Length of a read lease.
+    pub lease_ms: u64,
+    /// Extra wait after a lease's expiry before excluding its holder; covers
+    /// clock-rate drift between machines (participants also shorten their
+    /// own view of a lease by 10%).
+    pub drift_margin_ms: u64,
+    /// Below this many members, writes are refused.
+    pub min_replicas: usize,
+    /// A non-member is admitted once it is this close to the log's end.
+    pub join_gap: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig { detect_ms: 1000, lease_ms: 2000, drift_margin_ms: 200, min_replicas: 3, join_gap: 256 }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Node {
+    last_sync: Option<u64>,
+    last_ping_ok: Option<u64>,
+    lease_until: u64,
+    suspected: bool,
+    applied: u64,
+    in_doubt: usize,
+    join_index: u64,
+}
+
+/// What the I/O layer must do: change the view (durably, with the write
+/// gate held so that no transaction straddles two views).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViewChange {
+    Exclude(u64),
+    Admit(u64),
+}
+
+/// The answer to a participant's check-in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub member: bool,
+    /// A lease of this many ms, measured by the participant from when it sent
+    /// the check-in.
+    pub lease_ms: Option<u64>,
+    /// The participant must apply up to here before voting or serving reads.
+    pub min_applied: u64,
+}
+
+#[derive(Debug)]
+pub struct Membership {
+    view: View,
+    config: MembershipConfig,
+    nodes: BTreeMap<u64, Node>,
+}
+
+impl Membership {
+    /// Starts from a stored view of participants `1..=n`.
+    pub fn new(view: View, n: u64, config: MembershipConfig, now: u64) -> Self {
+        let nodes = (1..=n)
+            .map(|id| {
+                // Members start with a grace period of one detection time to
+                // check in; non-members must be heard from first.
+                let member = view.members.contains(&id);
+                let seen = member.then_some(now);
+                let lease_until = if member { now + config.lease_ms } else { 0 };
+                let join_index = view.joined_at.get(&id).copied().unwrap_or(0);
+                (id, Node { last_sync: seen, last_ping_ok: seen, lease_until, join_index, ..Default::default() })
+            })
+            .collect();
+        Membership { view, config, nodes }
+    }
+
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    pub fn config(&self) -> &MembershipConfig {
+        &self.config
+    }
+
+    /// Join index of a member (0 for the original members).
+    pub fn min_applied(&self, id: u64) -> u64 {
+        self.nodes.get(&id).map_or(0, |n| n.join_index)
+    }
+
+    /// Whether writes may run: enough members in the view.
+    pub fn check_writable(&self) -> Result<(), String> {
+        let have = self.view.members.len();
+        if have < self.config.min_replicas {
+            return Err(format!(
+                "only {have} of {} replicas are in the view (epoch {}, minimum {}): writes are refused until replicas \
+                 return; `treaty status` shows which are down",
+                self.nodes.len(),
+                self.view.epoch,
+                self.config.min_replicas
+            ));
+        }
+        Ok(())
+    }
+
+    /// A participant checked in.
+    pub fn on_sync(&mut self, id: u64, applied: u64, in_doubt: usize, now: u64) -> Grant {
+        let member = self.view.members.contains(&id);
+        let detect = self.config.detect_ms;
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return Grant { member: false, lease_ms: None, min_applied: 0 };
+        };
+        node.last_sync = Some(now);
+        node.applied = applied;
+        node.in_doubt = in_doubt;
+        if node.suspected && node.last_ping_ok.is_some_and(|t| now.saturating_sub(t) <= detect) {
+            node.suspected = false;
+        }
+        let lease = member && !node.suspected && applied >= node.join_index;
+        if lease {
+            node.lease_until = node.lease_until.max(now + self.config.lease_ms);
+        }
+        Grant { member, lease_ms: lease.then_some(self.config.lease_ms), min_applied: node.join_index }
+    }
+
+    /// The coordinator's ping to a participant came back (`ok`) or failed.
+    pub fn on_ping(&mut self, id: u64, ok: bool, now: u64) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if ok {
+                node.last_ping_ok = Some(now);
+            }
+        }
+    }
+
+    /// Advances time: suspects silent members and returns the view changes
+    /// that are now safe and useful, at most one per call.
+    pub fn tick(&mut self, now: u64, last_index: u64) -> Option<ViewChange> {
+        let detect = self.config.detect_ms;
+        let fresh = |t: Option<u64>| t.is_some_and(|t| now.saturating_sub(t) <= detect);
+        for (id, node) in self.nodes.iter_mut() {
+            if self.view.members.contains(id) && !(fresh(node.last_sync) && fresh(node.last_ping_ok)) {
+                node.suspected = true;
+            }
+        }
+        for (id, node) in &self.nodes {
+            let member = self.view.members.contains(id);
+            if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
+                return Some(ViewChange::Exclude(*id));
+            }
+            if !member
+                && fresh(node.last_sync)
+                && fresh(node.last_ping_ok)
+                && node.in_doubt == 0
+                && node.applied + self.config.join_gap >= last_index
+            {
+                return Some(ViewChange::Admit(*id));
+            }
+        }
+        None
+    }
+
+    /// Records a view change the I/O layer made durable. `last_index` is the
+    /// last commit index at that moment (the join index of an admitted node).
+    pub fn apply(&mut self, change: ViewChange, last_index: u64) -> View {
+        self.view.epoch += 1;
+        match change {
+            ViewChange::Exclude(id) => {
+                self.view.members.remove(&id);
+                self.view.joined_at.remove(&id);
+            }
+            ViewChange::Admit(id) => {
+                self.view.members.insert(id);
+                self.view.joined_at.insert(id, last_index);
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.join_index = last_index;
+                    n.suspected = false;
+                }
+            }
+        }
+        self.view.clone()
+    }
+
+    /// Milliseconds left on a node's lease as the coordinator counts it.
+    pub fn lease_left(&self, id: u64, now: u64) -> u64 {
+        self.nodes.get(&id).map_or(0, |n| n.lease_until.saturating_sub(now))
+    }
+
+    pub fn is_suspected(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.suspected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn five(now: u64) -> Membership {
+        let view = View { epoch: 1, members: (1..=5).collect(), joined_at: BTreeMap::new() };
+        Membership::new(view, 5, MembershipConfig::default(), now)
+    }
+
+    fn heartbeat_all(m: &mut Membership, now: u64, except: &[u64]) {
+        for id in 1..=5 {
+            if !except.contains(&id) {
+                m.on_sync(id, 10, 0, now);
+                m.on_ping(id, true, now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_member_is_excluded_only_after_its_lease_and_the_margin() {
+        let mut m = five(0);
+        let mut now = 0;
+        // Everyone checks in every 100 ms; node 3 stops at t = 1000.
+        let mut excluded_at = None;
+        while now <= 6000 {
+            heartbeat_all(&mut m, now, if now > 1000 { &[3] } else { &[] });
+            if let Some(change) = m.tick(now, 10) {
+                assert_eq!(change, ViewChange::Exclude(3));
+                m.apply(change, 10);
+                excluded_at = Some(now);
+                break;
+            }
+            now += 100;
+        }
+        // Last lease granted at t=1000 runs to 3000, plus 200 ms margin.
+        assert_eq!(excluded_at, Some(3200));
+        assert_eq!(m.view().epoch, 2);
+        assert!(!m.view().members.contains(&3));
+    }
+
+    #[test]
+    fn a_suspected_member_gets_no_new_lease() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        // Pings to node 2 fail for longer than the detection time.
+        for id in 1..=5 {
+            if id != 2 {
+                m.on_ping(id, true, 1500);
+            }
+        }
+        m.tick(1500, 0);
+        assert!(m.is_suspected(2));
+        assert_eq!(m.on_sync(2, 0, 0, 1500).lease_ms, None, "asymmetric partition: check-ins alone do not renew");
+    }
+
+    #[test]
+    fn readmission_needs_both_directions_no_doubt_and_a_small_gap() {
+        let mut m = Membership::new(
+            View { epoch: 3, members: [1, 2, 4, 5].into(), joined_at: BTreeMap::new() },
+            5,
+            MembershipConfig::default(),
+            0,
+        );
+        m.on_sync(3, 0, 0, 100);
+        m.on_ping(3, true, 100);
+        assert_eq!(m.tick(100, 1000), None, "1000 commits behind");
+        m.on_sync(3, 900, 1, 200);
+        assert_eq!(m.tick(200, 1000), None, "holds a transaction in doubt");
+        m.on_sync(3, 900, 0, 300);
+        assert_eq!(m.tick(300, 1000), Some(ViewChange::Admit(3)));
+        m.apply(ViewChange::Admit(3), 1000);
+        assert_eq!(m.view().epoch, 4);
+        let g = m.on_sync(3, 950, 0, 400);
+        assert_eq!((g.member, g.lease_ms, g.min_applied), (true, None, 1000), "no lease before the join index");
+        assert_eq!(m.on_sync(3, 1000, 0, 500).lease_ms, Some(2000));
+    }
+
+    #[test]
+    fn writes_need_the_minimum_number_of_members() {
+        let mut m = five(0);
+        assert!(m.check_writable().is_ok());
+        for id in [1, 2, 3] {
+            m.apply(ViewChange::Exclude(id), 0);
+        }
+        let e = m.check_writable().unwrap_err();
+        assert!(e.contains("only 2 of 5 replicas") && e.contains("minimum 3"), "{e}");
+    }
+
+    #[test]
+    fn after_a_restart_nobody_is_excluded_before_an_old_lease_could_expire() {
+        let mut m = five(10_000);
+        // Nobody checks in at all.
+        let mut now = 10_000;
+        while m.tick(now, 0).is_none() {
+            now += 100;
+        }
+        assert!(now >= 10_000 + 2000 + 200, "excluded at {now}");
+    }
+}

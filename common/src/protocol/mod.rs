@@ -1,0 +1,23 @@
+//! The 2PC protocol as pure state machines: no tokio, sled or tarpc in here.
+//!
+//! * [`ReplicaCore`] is one participant's protocol state: key locks held by
+//!   prepared transactions, decided commits waiting for their turn, and the
+//!   applied index. Its methods take an input (a PREPARE, a COMMIT, an ABORT,
+//!   "these indexes are now applied") and return what the I/O layer must do
+//!   next. The I/O layer (`treaty-participant`) persists, syncs and replies.
+//! * [`LockTable`] is the coordinator's per-key FIFO lock queue: transactions
+//!   acquire their keys in key order, so conflicting ones queue up instead of
+//!   aborting each other, and no cycle (deadlock) can form.
+//!
+//! * [`Membership`] is the coordinator's view (epoch + members), failure
+//!   detection and read leases, driven by check-ins, pings and ticks.
+//!
+//! All are exercised exhaustively in microseconds by unit and property tests.
+
+mod locks;
+mod membership;
+mod replica;
+
+pub use locks::LockTable;
+pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
+pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore};

@@ -1,0 +1,308 @@
+//! One participant's 2PC state.
+//!
+//! Invariants (checked by the tests below and by `tests/`):
+//! * A key is locked by at most one prepared transaction. Locks are taken when
+//!   a PREPARE passes its conditions and released only when the transaction is
+//!   applied or aborted.
+//! * Conditions are judged against *applied* state only. A PREPARE that
+//!   touches a locked key is [`PrepareStep::Blocked`] until the holder is
+//!   applied or aborted. Since every committed transaction was prepared on
+//!   every replica before it was decided, all replicas judge a condition
+//!   against the same state and vote the same way.
+//! * The I/O layer votes YES only after the [`PreparedRecord`] returned by
+//!   [`PrepareStep::Persist`] is durable ("persist before you speak").
+//! * Commits are applied strictly in commit-index order, with no gaps:
+//!   [`ReplicaCore::next_apply`] hands out the contiguous run after the last
+//!   applied index, and [`ReplicaCore::applied`] is told when the I/O layer has
+//!   applied it (atomically with the applied index).
+//! * A decided transaction is never aborted; an abort of a decided
+//!   transaction is a broken invariant and panics.
+//!
+//! Time is an input: [`ReplicaCore::tick`] ages prepared transactions so the
+//! I/O layer can ask the coordinator about those in doubt for too long.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::types::{escape, Key, Txn, TxnId, Versioned, Write};
+
+/// The WAL record of a prepared transaction: what to apply if it commits.
+/// Durable before the YES vote leaves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedRecord {
+    pub txn_id: TxnId,
+    /// The coordinator's attempt that prepared it (a retry of the same
+    /// transaction id is a new attempt); aborts name the attempt they end.
+    pub attempt: u64,
+    pub writes: Vec<Write>,
+}
+
+/// What the I/O layer must do with a PREPARE.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PrepareStep {
+    /// A key is locked by this other prepared transaction: wait until it is
+    /// applied or aborted, then call [`ReplicaCore::prepare`] again.
+    Blocked(TxnId),
+    /// A duplicate PREPARE: vote YES once the earlier record is durable.
+    AlreadyPrepared,
+    /// A condition does not hold (or the attempt was already aborted): vote
+    /// NO with this reason. Nothing was locked or recorded.
+    VoteNo(String),
+    /// The keys are now locked: make this record durable, then vote YES.
+    Persist(PreparedRecord),
+}
+
+/// What happened to a COMMIT.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CommitStep {
+    /// At or below what is applied or being applied: nothing to do.
+    AlreadyApplied,
+    /// Queued; [`ReplicaCore::next_apply`] will hand it out in order.
+    Queued,
+    /// A commit of a transaction this replica never prepared, without its
+    /// writes: fetch the entry from the coordinator's log.
+    Unknown,
+}
+
+/// One committed transaction to apply, in index order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyEntry {
+    pub index: u64,
+    pub txn_id: TxnId,
+    pub writes: Vec<Write>,
+}
+
+#[derive(Debug)]
+struct Prepared {
+    attempt: u64,
+    writes: Vec<Write>,
+    keys: Vec<Key>,
+    /// The commit index, once the COMMIT has arrived.
+    decided: Option<u64>,
+    /// Ticks since prepared.
+    age: u64,
+}
+
+/// How many aborted attempts to remember, so that a PREPARE overtaken by its
+/// own ABORT votes NO instead of locking keys forever.
+const ABORTED_MEMORY: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct ReplicaCore {
+    applied_index: u64,
+    /// Highest index handed to the I/O layer by `next_apply`.
+    handed_out: u64,
+    locks: BTreeMap<Key, TxnId>,
+    prepared: BTreeMap<TxnId, Prepared>,
+    /// Decided commits not yet handed out, by index. `Some(writes)` for log
+    /// entries of transactions never prepared here.
+    queue: BTreeMap<u64, (TxnId, Option<Vec<Write>>)>,
+    /// Handed out, not yet applied: index -> txn.
+    applying: BTreeMap<u64, TxnId>,
+    aborted: BTreeSet<(TxnId, u64)>,
+    aborted_order: VecDeque<(TxnId, u64)>,
+}
+
+impl ReplicaCore {
+    /// Rebuilds the state after a restart: the applied index from the data
+    /// store, and the prepared records from the WAL (which lock their keys
+    /// again until their outcome is known).
+    pub fn recover(applied_index: u64, records: Vec<PreparedRecord>) -> Self {
+        let mut core = ReplicaCore { applied_index, handed_out: applied_index, ..Default::default() };
+        for rec in records {
+            core.lock_and_insert(rec.txn_id, rec.attempt, rec.writes);
+        }
+        core
+    }
+
+    fn lock_and_insert(&mut self, txn_id: TxnId, attempt: u64, writes: Vec<Write>) {
+        let mut keys: Vec<Key> = writes.iter().map(|w| w.key().to_vec()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in &keys {
+            let prev = self.locks.insert(k.clone(), txn_id);
+            assert!(prev.is_none() || prev == Some(txn_id), "key locked twice: {prev:?} and {txn_id:?}");
+        }
+        self.prepared.insert(txn_id, Prepared { attempt, writes, keys, decided: None, age: 0 });
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Handles a PREPARE. `read` returns the applied entry of a key.
+    pub fn prepare(
+        &mut self,
+        txn: &Txn,
+        attempt: u64,
+        mut read: impl FnMut(&[u8]) -> Result<Option<Versioned>, Error>,
+    ) -> Result<PrepareStep, Error> {
+        if let Some(p) = self.prepared.get_mut(&txn.id) {
+            // A retry of the same transaction by a newer attempt adopts the
+            // existing record; aborts for the older attempt no longer apply.
+            p.attempt = attempt;
+            return Ok(PrepareStep::AlreadyPrepared);
+        }
+        if self.aborted.contains(&(txn.id, attempt)) {
+            return Ok(PrepareStep::VoteNo("transaction attempt was already aborted".into()));
+        }
+        // Only writes lock: a condition-only key is read, and must not be
+        // changed under us, so it blocks on a holder too.
+        for key in txn.keys() {
+            if let Some(holder) = self.locks.get(&key) {
+                if *holder != txn.id {
+                    return Ok(PrepareStep::Blocked(*holder));
+                }
+            }
+        }
+        for c in &txn.conditions {
+            let current = read(c.key())?;
+            if !c.holds(current.as_ref()) {
+                let found = match &current {
+                    None => "missing".to_string(),
+                    Some(v) => format!("value {} at version {}", escape(&v.value), v.version),
+                };
+                return Ok(PrepareStep::VoteNo(format!("{c} (found {found})")));
+            }
+        }
+        self.lock_and_insert(txn.id, attempt, txn.writes.clone());
+        Ok(PrepareStep::Persist(PreparedRecord { txn_id: txn.id, attempt, writes: txn.writes.clone() }))
+    }
+
+    /// Handles a COMMIT (`writes` is `None`) or a log entry fetched during
+    /// catch-up (`writes` is `Some`).
+    pub fn commit(&mut self, txn_id: TxnId, index: u64, writes: Option<Vec<Write>>) -> CommitStep {
+        if index <= self.handed_out {
+            return CommitStep::AlreadyApplied;
+        }
+        if let Some((queued, _)) = self.queue.get(&index) {
+            assert_eq!(*queued, txn_id, "two transactions committed at index {index}");
+            return CommitStep::Queued;
+        }
+        if let Some(p) = self.prepared.get_mut(&txn_id) {
+            if let Some(prev) = p.decided {
+                assert_eq!(prev, index, "{txn_id:?} committed at two indexes");
+            }
+            p.decided = Some(index);
+            self.queue.insert(index, (txn_id, None));
+            return CommitStep::Queued;
+        }
+        match writes {
+            Some(w) => {
+                self.queue.insert(index, (txn_id, Some(w)));
+                CommitStep::Queued
+            }
+            None => CommitStep::Unknown,
+        }
+    }
+
+    /// The next contiguous run of commits to apply, in index order. The I/O
+    /// layer applies them atomically with the applied index and then calls
+    /// [`ReplicaCore::applied`].
+    pub fn next_apply(&mut self) -> Vec<ApplyEntry> {
+        let mut out = Vec::new();
+        while let Some((txn_id, writes)) = self.queue.remove(&(self.handed_out + 1)) {
+            let index = self.handed_out + 1;
+            let writes = match writes {
+                Some(w) => w,
+                None => self.prepared.get(&txn_id).expect("queued commit lost its prepare").writes.clone(),
+            };
+            self.applying.insert(index, txn_id);
+            out.push(ApplyEntry { index, txn_id, writes });
+            self.handed_out = index;
+        }
+        out
+    }
+
+    /// Everything through `index` is applied: release the locks of those
+    /// transactions.
+    pub fn applied(&mut self, index: u64) {
+        assert!(index <= self.handed_out, "applied {index} beyond handed out {}", self.handed_out);
+        while let Some(entry) = self.applying.first_entry() {
+            if *entry.key() > index {
+                break;
+            }
+            let txn_id = entry.remove();
+            if let Some(p) = self.prepared.remove(&txn_id) {
+                self.unlock(txn_id, &p.keys);
+            }
+        }
+        self.applied_index = self.applied_index.max(index);
+    }
+
+    fn unlock(&mut self, txn_id: TxnId, keys: &[Key]) {
+        for k in keys {
+            if self.locks.get(k) == Some(&txn_id) {
+                self.locks.remove(k);
+            }
+        }
+    }
+
+    /// Handles an ABORT of one attempt (`attempt: Some`) or an abort outcome
+    /// learned from the coordinator for the attempt we asked about. Returns
+    /// true if a prepared record must be deleted from the WAL.
+    pub fn abort(&mut self, txn_id: TxnId, attempt: u64) -> bool {
+        let matches = self.prepared.get(&txn_id).is_some_and(|p| p.attempt == attempt);
+        if !matches {
+            self.remember_abort(txn_id, attempt);
+            return false;
+        }
+        let p = self.prepared.remove(&txn_id).expect("checked above");
+        assert!(p.decided.is_none(), "abort of {txn_id:?}, which committed at {:?}", p.decided);
+        self.unlock(txn_id, &p.keys);
+        self.remember_abort(txn_id, attempt);
+        true
+    }
+
+    fn remember_abort(&mut self, txn_id: TxnId, attempt: u64) {
+        if self.aborted.insert((txn_id, attempt)) {
+            self.aborted_order.push_back((txn_id, attempt));
+            if self.aborted_order.len() > ABORTED_MEMORY {
+                let old = self.aborted_order.pop_front().expect("non-empty");
+                self.aborted.remove(&old);
+            }
+        }
+    }
+
+    /// The prepared transaction holding `key`, if any.
+    pub fn holder(&self, key: &[u8]) -> Option<TxnId> {
+        self.locks.get(key).copied()
+    }
+
+    /// Advances time by one tick.
+    pub fn tick(&mut self) {
+        for p in self.prepared.values_mut() {
+            p.age += 1;
+        }
+    }
+
+    /// Prepared, undecided transactions at least `min_age` ticks old, with
+    /// the attempt that prepared them.
+    pub fn in_doubt(&self, min_age: u64) -> Vec<(TxnId, u64)> {
+        self.prepared
+            .iter()
+            .filter(|(_, p)| p.decided.is_none() && p.age >= min_age)
+            .map(|(t, p)| (*t, p.attempt))
+            .collect()
+    }
+
+    /// Every undecided prepared transaction with its age in ticks.
+    pub fn in_doubt_ages(&self) -> Vec<(TxnId, u64)> {
+        self.prepared.iter().filter(|(_, p)| p.decided.is_none()).map(|(t, p)| (*t, p.age)).collect()
+    }
+
+    /// Number of prepared transactions not yet applied or aborted.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// Commits received but not yet applied (waiting for an earlier index).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

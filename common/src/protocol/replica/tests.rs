@@ -1,0 +1,349 @@
+//! State-machine tests: every message order and crash point of one replica,
+//! and a property test of random transaction sequences on several replicas
+//! with commits delivered out of order, checked against a `BTreeMap` model.
+
+use super::*;
+use crate::types::Condition;
+use proptest::prelude::*;
+
+/// A replica with its applied data in a BTreeMap: the sled store's stand-in.
+#[derive(Default)]
+struct Sim {
+    core: ReplicaCore,
+    data: BTreeMap<Key, Versioned>,
+    wal: BTreeMap<TxnId, PreparedRecord>,
+}
+
+impl Sim {
+    fn prepare(&mut self, txn: &Txn, attempt: u64) -> PrepareStep {
+        let data = &self.data;
+        let step = self.core.prepare(txn, attempt, |k| Ok(data.get(k).cloned())).unwrap();
+        if let PrepareStep::Persist(rec) = &step {
+            self.wal.insert(rec.txn_id, rec.clone());
+        }
+        step
+    }
+
+    fn apply_ready(&mut self) {
+        let batch = self.core.next_apply();
+        let Some(last) = batch.last().map(|e| e.index) else {
+            return;
+        };
+        for e in batch {
+            for w in e.writes {
+                match w {
+                    Write::Put(k, v) => {
+                        self.data.insert(k, Versioned { value: v, version: e.index });
+                    }
+                    Write::Delete(k) => {
+                        self.data.remove(&k);
+                    }
+                }
+            }
+            self.wal.remove(&e.txn_id);
+        }
+        self.core.applied(last);
+    }
+
+    /// kill -9 and restart: memory is lost, data and WAL survive.
+    fn crash_and_recover(&mut self) {
+        let applied = self.core.applied_index();
+        self.core = ReplicaCore::recover(applied, self.wal.values().cloned().collect());
+    }
+}
+
+fn k(s: &str) -> Key {
+    s.as_bytes().to_vec()
+}
+
+fn put(key: &str, v: &str) -> Write {
+    Write::Put(k(key), v.as_bytes().to_vec())
+}
+
+fn txn(id: u128, conditions: Vec<Condition>, writes: Vec<Write>) -> Txn {
+    Txn { id: TxnId(id), conditions, writes }
+}
+
+#[test]
+fn prepare_then_commit_applies_and_unlocks() {
+    let mut s = Sim::default();
+    let t = txn(1, vec![Condition::Missing(k("a"))], vec![put("a", "1")]);
+    assert!(matches!(s.prepare(&t, 1), PrepareStep::Persist(_)));
+    assert_eq!(s.core.holder(b"a"), Some(TxnId(1)));
+    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::Queued);
+    s.apply_ready();
+    assert_eq!(s.data[&k("a")], Versioned { value: b"1".to_vec(), version: 1 });
+    assert_eq!(s.core.holder(b"a"), None);
+    assert!(s.wal.is_empty());
+    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::AlreadyApplied, "duplicate COMMIT");
+}
+
+#[test]
+fn failing_condition_votes_no_and_locks_nothing() {
+    let mut s = Sim::default();
+    let t = txn(1, vec![Condition::ValueEquals(k("a"), b"x".to_vec())], vec![put("a", "1")]);
+    match s.prepare(&t, 1) {
+        PrepareStep::VoteNo(reason) => assert_eq!(reason, "a = x (found missing)"),
+        other => panic!("expected NO, got {other:?}"),
+    }
+    assert_eq!(s.core.holder(b"a"), None);
+    assert!(s.wal.is_empty());
+}
+
+#[test]
+fn conflicting_prepare_blocks_until_the_holder_applies_then_sees_its_write() {
+    let mut s = Sim::default();
+    let t1 = txn(1, vec![], vec![put("a", "1")]);
+    let t2 = txn(2, vec![Condition::ValueEquals(k("a"), b"1".to_vec())], vec![put("a", "2")]);
+    assert!(matches!(s.prepare(&t1, 1), PrepareStep::Persist(_)));
+    assert_eq!(s.prepare(&t2, 1), PrepareStep::Blocked(TxnId(1)));
+    s.core.commit(TxnId(1), 1, None);
+    s.apply_ready();
+    assert!(matches!(s.prepare(&t2, 1), PrepareStep::Persist(_)), "judged against applied state");
+}
+
+#[test]
+fn commits_apply_in_index_order_whatever_order_they_arrive() {
+    let mut s = Sim::default();
+    let t1 = txn(1, vec![], vec![put("a", "1")]);
+    let t2 = txn(2, vec![], vec![put("b", "2")]);
+    s.prepare(&t1, 1);
+    s.prepare(&t2, 1);
+    assert_eq!(s.core.commit(TxnId(2), 2, None), CommitStep::Queued);
+    s.apply_ready();
+    assert!(s.data.is_empty(), "index 2 must wait for index 1");
+    assert_eq!(s.core.queued(), 1);
+    s.core.commit(TxnId(1), 1, None);
+    s.apply_ready();
+    assert_eq!(s.core.applied_index(), 2);
+    assert_eq!(s.data.len(), 2);
+}
+
+#[test]
+fn abort_releases_locks_and_a_late_prepare_of_that_attempt_votes_no() {
+    let mut s = Sim::default();
+    let t1 = txn(1, vec![], vec![put("a", "1")]);
+    s.prepare(&t1, 7);
+    assert!(s.core.abort(TxnId(1), 7));
+    assert_eq!(s.core.holder(b"a"), None);
+    // ABORT overtaking its PREPARE: the PREPARE must not lock anything.
+    let t2 = txn(2, vec![], vec![put("a", "2")]);
+    assert!(!s.core.abort(TxnId(2), 3));
+    assert!(matches!(s.prepare(&t2, 3), PrepareStep::VoteNo(_)));
+    assert_eq!(s.core.holder(b"a"), None);
+    // A retry of the same transaction id is a new attempt and may prepare.
+    assert!(matches!(s.prepare(&t2, 4), PrepareStep::Persist(_)));
+}
+
+#[test]
+fn an_abort_for_an_older_attempt_does_not_undo_a_retry() {
+    let mut s = Sim::default();
+    let t = txn(1, vec![], vec![put("a", "1")]);
+    s.prepare(&t, 1);
+    assert_eq!(s.prepare(&t, 2), PrepareStep::AlreadyPrepared);
+    assert!(!s.core.abort(TxnId(1), 1));
+    assert_eq!(s.core.holder(b"a"), Some(TxnId(1)));
+}
+
+#[test]
+#[should_panic(expected = "which committed at")]
+fn aborting_a_committed_transaction_is_a_broken_invariant() {
+    let mut s = Sim::default();
+    s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
+    s.core.commit(TxnId(1), 1, None);
+    s.core.abort(TxnId(1), 1);
+}
+
+#[test]
+fn commit_of_an_unknown_transaction_asks_for_the_log() {
+    let mut s = Sim::default();
+    assert_eq!(s.core.commit(TxnId(9), 1, None), CommitStep::Unknown);
+    assert_eq!(s.core.commit(TxnId(9), 1, Some(vec![put("z", "9")])), CommitStep::Queued);
+    s.apply_ready();
+    assert_eq!(s.data[&k("z")].version, 1);
+}
+
+#[test]
+fn crash_after_prepare_durable_keeps_locks_until_the_outcome_is_known() {
+    let mut s = Sim::default();
+    s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
+    s.crash_and_recover();
+    assert_eq!(s.core.holder(b"a"), Some(TxnId(1)), "recovered prepare still locks");
+    assert_eq!(s.core.in_doubt(1), vec![], "too young to ask about");
+    s.core.tick();
+    assert_eq!(s.core.in_doubt(1), vec![(TxnId(1), 1)]);
+    s.core.commit(TxnId(1), 1, None);
+    s.apply_ready();
+    assert_eq!(s.data[&k("a")].value, b"1");
+}
+
+#[test]
+fn crash_between_commit_arrival_and_apply_reapplies_from_the_wal() {
+    let mut s = Sim::default();
+    s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
+    s.core.commit(TxnId(1), 1, None);
+    s.crash_and_recover(); // the COMMIT was only in memory
+    assert_eq!(s.core.applied_index(), 0);
+    assert_eq!(s.core.in_doubt(0), vec![(TxnId(1), 1)], "asks the coordinator again");
+    s.core.commit(TxnId(1), 1, None);
+    s.apply_ready();
+    assert_eq!(s.core.applied_index(), 1);
+}
+
+#[test]
+fn crash_after_apply_does_not_apply_twice() {
+    let mut s = Sim::default();
+    s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
+    s.core.commit(TxnId(1), 1, None);
+    s.apply_ready();
+    s.crash_and_recover();
+    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::AlreadyApplied);
+    assert_eq!(s.core.prepared_count(), 0);
+}
+
+// ---- property test: random transactions, several replicas, random orders ----
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(u8, u8),
+    Del(u8),
+    IfEq(u8, u8),
+    IfMissing(u8),
+    IfVersion(u8, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..5, 0u8..3).prop_map(|(k, v)| Op::Put(k, v)),
+        (0u8..5).prop_map(Op::Del),
+        (0u8..5, 0u8..3).prop_map(|(k, v)| Op::IfEq(k, v)),
+        (0u8..5).prop_map(Op::IfMissing),
+        (0u8..5, 0u64..6).prop_map(|(k, v)| Op::IfVersion(k, v)),
+    ]
+}
+
+fn build(id: u128, ops: &[Op]) -> Txn {
+    let mut conditions = vec![];
+    let mut writes = vec![];
+    let mut written = BTreeSet::new();
+    for o in ops {
+        match o {
+            Op::Put(k, v) if written.insert(*k) => writes.push(Write::Put(vec![*k], vec![*v])),
+            Op::Del(k) if written.insert(*k) => writes.push(Write::Delete(vec![*k])),
+            Op::IfEq(k, v) => conditions.push(Condition::ValueEquals(vec![*k], vec![*v])),
+            Op::IfMissing(k) => conditions.push(Condition::Missing(vec![*k])),
+            Op::IfVersion(k, n) => conditions.push(Condition::VersionEquals(vec![*k], *n)),
+            _ => {}
+        }
+    }
+    if writes.is_empty() {
+        writes.push(Write::Put(vec![9], vec![id as u8]));
+    }
+    Txn { id: TxnId(id), conditions, writes }
+}
+
+proptest! {
+    /// Transactions run one after another through a simulated coordinator
+    /// (which holds key locks until the decision, so conflicting ones are
+    /// prepared only after earlier ones are decided). COMMITs reach each
+    /// replica in a random order and replicas crash at random points. At the
+    /// end every replica equals the model, a BTreeMap that applies committed
+    /// transactions serially, and every vote was unanimous.
+    #[test]
+    fn replicas_match_a_serial_model(
+        txns in proptest::collection::vec(proptest::collection::vec(op(), 1..4), 1..25),
+        shuffle_seed in any::<u64>(),
+        crashes in proptest::collection::vec((0usize..3, 0usize..25), 0..4),
+    ) {
+        let mut replicas: Vec<Sim> = (0..3).map(|_| Sim::default()).collect();
+        let mut model: BTreeMap<Key, Versioned> = BTreeMap::new();
+        let mut next_index = 0u64;
+        let mut undelivered: Vec<Vec<(TxnId, u64)>> = vec![vec![]; 3];
+        let mut rng = shuffle_seed;
+        let log = model_log(&txns);
+        let mut rand = move |n: usize| { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; (rng % n as u64) as usize };
+
+        for (i, ops) in txns.iter().enumerate() {
+            let t = build(i as u128 + 1, ops);
+            // Deliver pending commits until no replica is blocked on this txn.
+            let mut votes = vec![];
+            for r in 0..3 {
+                loop {
+                    match replicas[r].prepare(&t, 1) {
+                        PrepareStep::Blocked(_) => {
+                            prop_assert!(!undelivered[r].is_empty(), "blocked with nothing to deliver");
+                            let j = rand(undelivered[r].len());
+                            let (id, idx) = undelivered[r].remove(j);
+                            replicas[r].core.commit(id, idx, None);
+                            replicas[r].apply_ready();
+                        }
+                        PrepareStep::Persist(_) | PrepareStep::AlreadyPrepared => { votes.push(true); break; }
+                        PrepareStep::VoteNo(_) => { votes.push(false); break; }
+                    }
+                }
+            }
+            prop_assert!(votes.iter().all(|v| *v == votes[0]), "replicas disagreed: {:?}", votes);
+            let model_ok = t.conditions.iter().all(|c| c.holds(model.get(c.key())));
+            prop_assert_eq!(votes[0], model_ok);
+            if votes[0] {
+                next_index += 1;
+                for w in &t.writes {
+                    match w {
+                        Write::Put(k, v) => { model.insert(k.clone(), Versioned { value: v.clone(), version: next_index }); }
+                        Write::Delete(k) => { model.remove(k); }
+                    }
+                }
+                for u in undelivered.iter_mut() { u.push((t.id, next_index)); }
+            }
+            for (r, at) in &crashes {
+                if *at == i {
+                    replicas[*r].crash_and_recover();
+                    // Recovery re-learns the outcomes of everything in doubt,
+                    // including commits that were received but not applied.
+                    let applied = replicas[*r].core.applied_index();
+                    undelivered[*r] = log
+                        .range(applied + 1..next_index + 1)
+                        .map(|(idx, id)| (*id, *idx))
+                        .collect();
+                }
+            }
+        }
+        for r in 0..3 {
+            while !undelivered[r].is_empty() {
+                let j = rand(undelivered[r].len());
+                let (id, idx) = undelivered[r].remove(j);
+                replicas[r].core.commit(id, idx, None);
+                replicas[r].apply_ready();
+            }
+            prop_assert_eq!(&replicas[r].data, &model, "replica {} diverged", r);
+            prop_assert_eq!(replicas[r].core.applied_index(), next_index);
+            prop_assert!(replicas[r].wal.is_empty());
+        }
+    }
+}
+
+/// Replays the transaction list against a model and returns, for each commit
+/// index, the committing transaction's id.
+fn model_log(txns: &[Vec<Op>]) -> BTreeMap<u64, TxnId> {
+    let mut model: BTreeMap<Key, Versioned> = BTreeMap::new();
+    let mut log = BTreeMap::new();
+    let mut next = 0;
+    for (i, ops) in txns.iter().enumerate() {
+        let t = build(i as u128 + 1, ops);
+        if t.conditions.iter().all(|c| c.holds(model.get(c.key()))) {
+            next += 1;
+            for w in &t.writes {
+                match w {
+                    Write::Put(k, v) => {
+                        model.insert(k.clone(), Versioned { value: v.clone(), version: next });
+                    }
+                    Write::Delete(k) => {
+                        model.remove(k);
+                    }
+                }
+            }
+            log.insert(next, t.id);
+        }
+    }
+    log
+}

@@ -1,0 +1,487 @@
+//! Durable state in sled: the participant's data and write-ahead log, the
+//! coordinator's decision log, and the sync that makes either durable.
+//!
+//! ## Durability
+//! sled 0.34's `flush()` ends in `sync_file_range`, which survives a killed
+//! process but not a power loss, and large values live in separate blob files
+//! that sled never syncs. [`Durability::sync`] therefore flushes, then
+//! `fdatasync`s sled's `db` file and every blob file not synced before (and
+//! the blob directory). Only after that may a vote or decision leave.
+//! [`GroupSync`] shares one such sync among all writers waiting at the time
+//! (group commit).
+//!
+//! ## Participant layout (trees of one sled db)
+//! * `meta`: `node_id`, `cluster` (u64 big-endian), `applied_index` (u64).
+//! * `data`: key -> 8-byte big-endian version ++ value bytes.
+//! * `wal`: 16-byte txn id -> bincode [`PreparedRecord`]: transactions prepared
+//!   here (YES voted or about to be) and not yet applied or aborted.
+//!
+//! Applying a commit writes the data, removes the WAL record and sets
+//! `applied_index` in one sled transaction, so after any crash the store is
+//! either before or after the whole transaction.
+//!
+//! ## Coordinator layout
+//! * `meta`: `cluster`, `participants` (bincode list of addresses).
+//! * `log`: u64 big-endian commit index -> bincode [`LogEntry`]: every
+//!   committed transaction with its writes (catch-up source for replicas).
+//! * `decisions`: txn id -> bincode [`Decision`]: first outcome of every
+//!   transaction id, for safe retries. Commit decisions are written with
+//!   their log entry in one sled transaction and synced before anyone hears
+//!   of them; abort decisions ride along unsynced (presumed abort).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::protocol::{ApplyEntry, PreparedRecord};
+use crate::rpc::{ClusterId, LogEntry};
+use crate::types::{TxnId, Versioned, Write};
+
+fn open_db(dir: &Path) -> Result<sled::Db> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Storage(format!("cannot create data dir {}: {e}", dir.display())))?;
+    sled::Config::new().path(dir).open().map_err(|e| {
+        Error::Storage(format!("cannot open data dir {}: {e} (is another Treaty process using it?)", dir.display()))
+    })
+}
+
+fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>> {
+    Ok(tree.get(key)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8-byte meta value"))))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("in-memory serialization cannot fail")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T> {
+    bincode::deserialize(bytes).map_err(|e| Error::Storage(format!("corrupt {what} record: {e}")))
+}
+
+fn encode_versioned(index: u64, value: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 + value.len());
+    buf.extend_from_slice(&index.to_be_bytes());
+    buf.extend_from_slice(value);
+    buf
+}
+
+fn decode_versioned(bytes: &[u8]) -> Versioned {
+    let (version, value) = bytes.split_at(8);
+    Versioned { value: value.to_vec(), version: u64::from_be_bytes(version.try_into().expect("8 bytes")) }
+}
+
+fn flatten(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+/// Makes everything written to a sled db so far durable (see module docs).
+pub struct Durability {
+    db: sled::Db,
+    dir: PathBuf,
+    db_file: File,
+    synced_blobs: HashSet<OsString>,
+}
+
+impl Durability {
+    pub fn new(db: sled::Db, dir: &Path) -> Result<Self> {
+        let db_file = File::open(dir.join("db"))?;
+        Ok(Durability { db, dir: dir.to_path_buf(), db_file, synced_blobs: HashSet::new() })
+    }
+
+    pub fn sync(&mut self) -> Result<()> {
+        self.db.flush()?;
+        self.db_file.sync_data()?;
+        let blobs = self.dir.join("blobs");
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&blobs) {
+            let mut present = HashSet::new();
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if !self.synced_blobs.contains(&name) {
+                    // A blob sled already deleted is no longer needed.
+                    if let Ok(f) = File::open(entry.path()) {
+                        f.sync_data()?;
+                        new_blob = true;
+                    }
+                }
+                present.insert(name);
+            }
+            self.synced_blobs = present;
+        }
+        if new_blob {
+            File::open(&blobs)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// Group commit: every caller of [`GroupSync::sync`] returns once a sync that
+/// *started after its call* has finished. Callers that arrive while a sync is
+/// running share the next one.
+#[derive(Clone)]
+pub struct GroupSync {
+    tx: mpsc::UnboundedSender<oneshot::Sender<Result<()>>>,
+    syncs: Arc<AtomicU64>,
+}
+
+impl GroupSync {
+    /// Starts the sync task. Needs a tokio runtime.
+    pub fn start(mut durability: Durability) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<()>>>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counter = syncs.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiters = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiters.push(w);
+                }
+                let (d, result) = tokio::task::spawn_blocking(move || {
+                    let r = durability.sync();
+                    (durability, r)
+                })
+                .await
+                .expect("sync task panicked");
+                durability = d;
+                counter.fetch_add(1, Ordering::Relaxed);
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        GroupSync { tx, syncs }
+    }
+
+    /// Returns once everything written before this call is durable.
+    pub async fn sync(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).map_err(|_| Error::Storage("sync task stopped".into()))?;
+        rx.await.map_err(|_| Error::Storage("sync task stopped".into()))?
+    }
+
+    /// Syncs performed since start.
+    pub fn count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+}
+
+/// A participant's sled store: data, WAL and identity.
+#[derive(Clone)]
+pub struct ReplicaStore {
+    db: sled::Db,
+    dir: PathBuf,
+    meta: sled::Tree,
+    data: sled::Tree,
+    wal: sled::Tree,
+}
+
+impl ReplicaStore {
+    /// Opens (or creates) the store of participant `node_id`. Refuses a
+    /// directory that belongs to another participant, touching nothing.
+    pub fn open(dir: &Path, node_id: u64) -> Result<Self> {
+        let db = open_db(dir)?;
+        let meta = db.open_tree("meta")?;
+        if db.tree_names().iter().any(|n| n.as_ref() == b"decisions") {
+            return Err(Error::Identity(format!(
+                "data dir {} belongs to a coordinator, not a participant: give participant {node_id} its own directory",
+                dir.display()
+            )));
+        }
+        match u64_at(&meta, "node_id")? {
+            Some(id) if id != node_id => {
+                return Err(Error::Identity(format!(
+                    "data dir {} belongs to participant {id}, but this process was started as participant {node_id}: \
+                     point --data-dir at participant {node_id}'s own directory, or at an empty one to seed a new replica",
+                    dir.display()
+                )))
+            }
+            Some(_) => {}
+            None => {
+                meta.insert("node_id", &node_id.to_be_bytes())?;
+                meta.flush()?;
+            }
+        }
+        Ok(ReplicaStore { data: db.open_tree("data")?, wal: db.open_tree("wal")?, meta, dir: dir.to_path_buf(), db })
+    }
+
+    pub fn durability(&self) -> Result<Durability> {
+        Durability::new(self.db.clone(), &self.dir)
+    }
+
+    pub fn cluster(&self) -> Result<Option<ClusterId>> {
+        Ok(u64_at(&self.meta, "cluster")?.map(ClusterId))
+    }
+
+    /// Records the cluster this replica joined (durably: it is written once).
+    pub fn set_cluster(&self, cluster: ClusterId) -> Result<()> {
+        self.meta.insert("cluster", &cluster.0.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn applied_index(&self) -> Result<u64> {
+        Ok(u64_at(&self.meta, "applied_index")?.unwrap_or(0))
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
+        Ok(self.data.get(key)?.map(|v| decode_versioned(&v)))
+    }
+
+    /// Every prepared record in the WAL, for recovery.
+    pub fn prepared(&self) -> Result<Vec<PreparedRecord>> {
+        self.wal.iter().values().map(|v| decode(&v?, "WAL")).collect()
+    }
+
+    /// Appends a PREPARED record. Not durable until a sync.
+    pub fn log_prepared(&self, rec: &PreparedRecord) -> Result<()> {
+        self.wal.insert(rec.txn_id.0.to_be_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// Drops an aborted transaction's record. Needs no sync: a record that
+    /// reappears after a crash is in doubt and the coordinator says "abort".
+    pub fn forget_prepared(&self, txn_id: TxnId) -> Result<()> {
+        self.wal.remove(txn_id.0.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Applies committed transactions atomically with the applied index and
+    /// the removal of their WAL records.
+    pub fn apply(&self, entries: &[ApplyEntry]) -> Result<()> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        (&self.data, &self.wal, &self.meta)
+            .transaction(|(data, wal, meta)| {
+                for e in entries {
+                    for w in &e.writes {
+                        match w {
+                            Write::Put(k, v) => {
+                                data.insert(k.as_slice(), encode_versioned(e.index, v))?;
+                            }
+                            Write::Delete(k) => {
+                                data.remove(k.as_slice())?;
+                            }
+                        }
+                    }
+                    wal.remove(&e.txn_id.0.to_be_bytes())?;
+                }
+                meta.insert("applied_index", &last.index.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(flatten)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// The first outcome of a transaction id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    Committed(u64),
+    /// A condition failed; the reason names it.
+    Aborted(String),
+}
+
+/// The coordinator's sled store: identity, decision log, outcomes.
+#[derive(Clone)]
+pub struct CoordinatorStore {
+    db: sled::Db,
+    dir: PathBuf,
+    meta: sled::Tree,
+    log: sled::Tree,
+    decisions: sled::Tree,
+}
+
+impl CoordinatorStore {
+    /// Opens (or creates) the coordinator's store for a cluster of
+    /// `participants`. A new store gets a fresh random cluster id. Refuses a
+    /// directory made for a different participant list, touching nothing.
+    pub fn open(dir: &Path, participants: &[String]) -> Result<(Self, ClusterId)> {
+        let db = open_db(dir)?;
+        if db.tree_names().iter().any(|n| n.as_ref() == b"wal") {
+            return Err(Error::Identity(format!(
+                "data dir {} belongs to a participant, not the coordinator: give the coordinator its own directory",
+                dir.display()
+            )));
+        }
+        let meta = db.open_tree("meta")?;
+        let cluster = match u64_at(&meta, "cluster")? {
+            Some(c) => {
+                let stored: Vec<String> = match meta.get("participants")? {
+                    Some(v) => decode(&v, "participant list")?,
+                    None => vec![],
+                };
+                if stored != participants {
+                    return Err(Error::Identity(format!(
+                        "data dir {} was created for participants {} but --participants is {}: \
+                         start with the original list (ids are positions in it), or use a new data dir for a new cluster",
+                        dir.display(),
+                        stored.join(","),
+                        participants.join(",")
+                    )));
+                }
+                ClusterId(c)
+            }
+            None => {
+                let c = ClusterId(rand::random::<u64>() | 1);
+                meta.insert("participants", encode(&participants.to_vec()))?;
+                meta.insert("cluster", &c.0.to_be_bytes())?;
+                Durability::new(db.clone(), dir)?.sync()?;
+                c
+            }
+        };
+        let store = CoordinatorStore {
+            log: db.open_tree("log")?,
+            decisions: db.open_tree("decisions")?,
+            meta,
+            dir: dir.to_path_buf(),
+            db,
+        };
+        Ok((store, cluster))
+    }
+
+    pub fn durability(&self) -> Result<Durability> {
+        Durability::new(self.db.clone(), &self.dir)
+    }
+
+    /// The stored view, if any.
+    pub fn view(&self) -> Result<Option<crate::protocol::View>> {
+        self.meta.get("view")?.map(|v| decode(&v, "view")).transpose()
+    }
+
+    /// Stores the view durably (synced before it returns).
+    pub fn set_view(&self, view: &crate::protocol::View) -> Result<()> {
+        self.meta.insert("view", encode(view))?;
+        Durability::new(self.db.clone(), &self.dir)?.sync()
+    }
+
+    /// Highest commit index in the log (0 if none).
+    pub fn last_index(&self) -> Result<u64> {
+        Ok(match self.log.last()? {
+            Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().expect("8-byte index")),
+            None => 0,
+        })
+    }
+
+    pub fn decision(&self, txn_id: TxnId) -> Result<Option<Decision>> {
+        self.decisions.get(txn_id.0.to_be_bytes())?.map(|v| decode(&v, "decision")).transpose()
+    }
+
+    /// Writes commit decisions and their log entries atomically. Not durable
+    /// until a sync.
+    pub fn record_commits(&self, entries: &[LogEntry]) -> Result<()> {
+        (&self.log, &self.decisions)
+            .transaction(|(log, decisions)| {
+                for e in entries {
+                    log.insert(&e.index.to_be_bytes(), encode(e))?;
+                    decisions.insert(&e.txn_id.0.to_be_bytes(), encode(&Decision::Committed(e.index)))?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(flatten)
+    }
+
+    /// Records that a transaction aborted on a failed condition (unsynced).
+    pub fn record_abort(&self, txn_id: TxnId, reason: &str) -> Result<()> {
+        self.decisions.insert(txn_id.0.to_be_bytes(), encode(&Decision::Aborted(reason.to_string())))?;
+        Ok(())
+    }
+
+    /// Log entries with index >= `from`, at most `max` of them and about
+    /// `max_bytes` in total (always at least one if any exist).
+    pub fn entries(&self, from: u64, max: u64, max_bytes: usize) -> Result<Vec<LogEntry>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.log.range(from.to_be_bytes()..) {
+            let (_, v) = item?;
+            if out.len() as u64 >= max || (bytes + v.len() > max_bytes && !out.is_empty()) {
+                break;
+            }
+            bytes += v.len();
+            out.push(decode(&v, "log")?);
+        }
+        Ok(out)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_participant_dir_refuses_another_node_id_and_stays_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = ReplicaStore::open(dir.path(), 1).unwrap();
+            let e = ApplyEntry { index: 1, txn_id: TxnId(5), writes: vec![Write::Put(b"k".to_vec(), b"v".to_vec())] };
+            s.apply(&[e]).unwrap();
+            s.flush().unwrap();
+        }
+        let err = ReplicaStore::open(dir.path(), 2).err().unwrap().to_string();
+        assert!(err.contains("belongs to participant 1") && err.contains("participant 2"), "{err}");
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        assert_eq!(s.get(b"k").unwrap().unwrap(), Versioned { value: b"v".to_vec(), version: 1 });
+        assert_eq!(s.applied_index().unwrap(), 1);
+    }
+
+    #[test]
+    fn apply_is_atomic_with_the_applied_index_and_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let rec = PreparedRecord { txn_id: TxnId(7), attempt: 1, writes: vec![Write::Delete(b"a".to_vec())] };
+        s.log_prepared(&rec).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![rec.clone()]);
+        s.apply(&[ApplyEntry { index: 3, txn_id: TxnId(7), writes: rec.writes }]).unwrap();
+        assert!(s.prepared().unwrap().is_empty());
+        assert_eq!(s.applied_index().unwrap(), 3);
+    }
+
+    #[test]
+    fn the_coordinator_dir_remembers_its_participants() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = vec!["a:1".to_string(), "b:2".to_string()];
+        let (s, c1) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        s.record_commits(&[LogEntry { index: 1, txn_id: TxnId(1), writes: vec![] }]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let err = CoordinatorStore::open(dir.path(), &ps[..1]).err().unwrap().to_string();
+        assert!(err.contains("was created for participants a:1,b:2"), "{err}");
+        let (s, c2) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        assert_eq!(c1, c2);
+        assert_eq!(s.last_index().unwrap(), 1);
+        assert_eq!(s.decision(TxnId(1)).unwrap(), Some(Decision::Committed(1)));
+    }
+
+    #[tokio::test]
+    async fn group_sync_makes_writes_durable_and_counts_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let g = GroupSync::start(s.durability().unwrap());
+        s.log_prepared(&PreparedRecord { txn_id: TxnId(1), attempt: 1, writes: vec![] }).unwrap();
+        let waits: Vec<_> = (0..10).map(|_| g.sync()).collect();
+        for r in futures::future::join_all(waits).await {
+            r.unwrap();
+        }
+        assert!(g.count() >= 1 && g.count() <= 10, "{} syncs", g.count());
+    }
+}

@@ -1,0 +1,58 @@
+//! Command-line flags, shared by the `treaty-coordinator` binary and `treaty demo`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Treaty's two-phase-commit coordinator.
+#[derive(clap::Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TREATY_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: String,
+    /// Directory for the decision log (created if missing).
+    #[arg(long, env = "TREATY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Participant addresses, comma-separated; participant ids are 1..N in this order.
+    #[arg(long, env = "TREATY_PARTICIPANTS", value_delimiter = ',', required = true)]
+    pub participants: Vec<String>,
+    /// Longest wait for a PREPARE vote (ms).
+    #[arg(long, env = "TREATY_PREPARE_TIMEOUT_MS", default_value_t = 3000)]
+    pub prepare_timeout_ms: u64,
+    /// A participant silent this long is suspected (ms).
+    #[arg(long, env = "TREATY_DETECT_MS", default_value_t = 1000)]
+    pub detect_ms: u64,
+    /// Read lease length (ms). A dead participant stalls writes for at most
+    /// about detect + lease + 200 ms before it is excluded.
+    #[arg(long, env = "TREATY_LEASE_MS", default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Writes are refused when fewer participants than this are in the view.
+    #[arg(long, env = "TREATY_MIN_REPLICAS", default_value_t = 3)]
+    pub min_replicas: usize,
+}
+
+/// Runs the server as the binary does; returns only on shutdown or error.
+pub async fn main_with(args: Args) -> i32 {
+    let listener = match treaty_common::start_server("treaty-coordinator", &args.listen).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let participants = args.participants.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+    let mut config = crate::Config::new(args.data_dir, participants);
+    config.prepare_timeout = Duration::from_millis(args.prepare_timeout_ms);
+    config.membership.detect_ms = args.detect_ms;
+    config.membership.lease_ms = args.lease_ms;
+    config.membership.min_replicas = args.min_replicas;
+    if args.min_replicas == 0 || args.min_replicas > config.participants.len() {
+        eprintln!(
+            "treaty-coordinator: --min-replicas must be between 1 and the number of participants ({})",
+            config.participants.len()
+        );
+        return 2;
+    }
+    if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
+        eprintln!("treaty-coordinator: {e:#}");
+        return 1;
+    }
+    0
+}

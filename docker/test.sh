@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Fault tests across containers: a real docker engine, the real image, real
+# kills and network cuts. Each test uses its own compose project and removes
+# its containers, network and volumes afterwards.
+#
+#   docker/test.sh            all tests
+#   docker/test.sh NAME...    only these (function names below, without test_)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+
+if ! docker info >/dev/null 2>&1; then
+  echo "################################################################"
+  echo "## SKIPPED: docker compose tests (no docker engine answers)   ##"
+  echo "################################################################"
+  exit 0
+fi
+
+if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+treaty="$root/target/release/treaty"
+passed=0
+failed=0
+failures=""
+
+# Host ports: let docker pick free ones so tests never collide.
+export TREATY_PORT_0=0 TREATY_PORT_1=0 TREATY_PORT_2=0 TREATY_PORT_3=0 TREATY_PORT_4=0 TREATY_PORT_5=0
+
+dc() { "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" "$@"; }
+cid() { dc ps -q "$1"; }
+# Runs the CLI inside the cluster's network, from participant $1's container.
+tx() { local n=$1; shift; docker exec "$(cid participant-$n)" /usr/local/bin/treaty --endpoints "participant-$n:700$n" "$@"; }
+# Host port published for service $1 container port $2.
+hostport() { dc port "$1" "$2" | sed 's/.*://'; }
+host_endpoints() {
+  local eps=""
+  for i in 1 2 3 4 5; do eps="$eps,127.0.0.1:$(hostport participant-$i 700$i)"; done
+  echo "${eps#,}"
+}
+fail() { echo "FAIL: $*" >&2; dc logs --tail 30 >&2 || true; return 1; }
+wait_healthy() { TREATY_PROJECT="$project" "$here/cluster.sh" wait; }
+converged() {
+  # Every participant reports the coordinator's last index and is ready.
+  local deadline=$((SECONDS + ${1:-60}))
+  while [ $SECONDS -lt $deadline ]; do
+    if out=$(tx 1 status 2>/dev/null) && ! grep -qE "down|CATCHING|NOT IN VIEW" <<<"$out"; then
+      local last
+      last=$(sed -n 's/.*last commit index \([0-9]*\).*/\1/p' <<<"$out")
+      if [ "$(grep -c "up *$last " <<<"$out")" -eq 6 ]; then return 0; fi
+    fi
+    sleep 0.5
+  done
+  echo "not converged:"; tx 1 status || true
+  return 1
+}
+# Asserts every participant holds the same value for key $1 (stale local read).
+same_everywhere() {
+  local key=$1 expect=$2
+  for i in 1 2 3 4 5; do
+    local got
+    got=$(tx "$i" get --stale "$key" 2>/dev/null) || got="<missing>"
+    [ "$got" = "$expect" ] || fail "participant $i has $key=$got, expected $expect" || return 1
+  done
+}
+
+# Asserts every participant serves exactly these "key value" pairs (one
+# `treaty run` batch of gets per participant instead of one exec per key).
+all_have() {
+  local pairs=$1 script expected got
+  script=$(awk '{print "get " $1}' <<<"$pairs")
+  expected=$(awk '{print $1 " = " $2}' <<<"$pairs")
+  for i in 1 2 3 4 5; do
+    got=$(docker exec -i "$(cid participant-$i)" /usr/local/bin/treaty --endpoints "participant-$i:700$i" run - <<<"$script" 2>/dev/null) || true
+    [ "$got" = "$expected" ] || fail "participant $i differs: $(diff <(echo "$expected") <(echo "$got") | head -5)" || return 1
+  done
+}
+
+run_test() {
+  local name=$1
+  project="treatytest-${name//_/-}-$$"
+  echo "=== $name (project $project)"
+  dc up -d >/dev/null 2>&1
+  local start=$SECONDS ok=1
+  if wait_healthy && "test_$name"; then
+    echo "--- ok: $name ($((SECONDS - start)) s)"
+    passed=$((passed + 1))
+  else
+    echo "--- FAILED: $name"
+    failed=$((failed + 1))
+    failures="$failures $name"
+    ok=0
+  fi
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  return 0
+}
+
+test_write_one_read_all() {
+  tx 1 put color blue >/dev/null
+  same_everywhere color blue
+  for i in 1 2 3 4 5; do
+    [ "$(tx "$i" get color)" = blue ] || fail "linearizable read on $i" || return 1
+  done
+  # And from the host, through the published ports.
+  [ "$("$treaty" --endpoints "$(host_endpoints)" get color)" = blue ] || fail "host read"
+}
+
+test_kill_participant_mid_batch() {
+  local eps acked=()
+  eps=$(host_endpoints)
+  for i in $(seq 1 60); do
+    if [ "$i" -eq 20 ]; then docker kill "$(cid participant-3)" >/dev/null; fi
+    if [ "$i" -eq 40 ]; then dc start participant-3 >/dev/null; fi
+    if "$treaty" --endpoints "$eps" put "batch/$i" "v$i" >/dev/null 2>&1; then acked+=("$i"); fi
+  done
+  [ "${#acked[@]}" -ge 30 ] || fail "only ${#acked[@]} of 60 writes succeeded" || return 1
+  wait_healthy && converged || return 1
+  all_have "$(for i in "${acked[@]}"; do echo "batch/$i v$i"; done)" || return 1
+  echo "    ${#acked[@]} of 60 acknowledged writes present on all five"
+}
+
+test_coordinator_killed_between_phases() {
+  tx 1 put before 1 >/dev/null
+  # Recreate the coordinator with a failpoint: it dies right after the commit
+  # decision is durable, before any participant hears of it.
+  TREATY_FAILPOINTS_COORDINATOR="coordinator::after_decision_sync=return" dc up -d coordinator >/dev/null 2>&1
+  wait_healthy
+  local out
+  if out=$(tx 2 put doubt yes 2>&1); then fail "write reported ok although the coordinator died: $out" || return 1; fi
+  echo "    client saw: $out"
+  docker logs "$(cid coordinator)" 2>&1 | grep -q "failpoint coordinator::after_decision_sync hit" \
+    || fail "failpoint not hit" || return 1
+  # Before the coordinator is back, the replicas hold the write in doubt.
+  # The container restarts (restart policy) and the replicas resolve it; then
+  # run the coordinator without the failpoint.
+  wait_healthy && converged || return 1
+  same_everywhere doubt yes || return 1
+  dc up -d coordinator >/dev/null 2>&1
+  wait_healthy && converged && same_everywhere doubt yes
+}
+
+test_network_disconnect() {
+  local net c t0 out
+  net="${project}_treaty"
+  c=$(cid participant-4)
+  tx 1 put pre 1 >/dev/null
+  docker network disconnect "$net" "$c"
+  # Writes stall until participant 4's lease has surely expired (detection
+  # 1 s + lease 2 s + margin), then continue without it.
+  t0=$SECONDS
+  out=$(tx 1 put cut 1 2>&1) || fail "write failed while participant 4 was cut off: $out" || return 1
+  [ $((SECONDS - t0)) -le 6 ] || fail "write stalled $((SECONDS - t0)) s" || return 1
+  echo "    write during the cut took $((SECONDS - t0)) s (whole seconds)"
+  out=$(tx 1 status 2>&1 || true)
+  grep -q "members \[1, 2, 3, 5\]" <<<"$out" || fail "participant 4 not excluded: $out" || return 1
+  docker network connect --alias participant-4 "$net" "$c"
+  local deadline=$((SECONDS + 30))
+  until tx 1 status 2>/dev/null | grep -q "members \[1, 2, 3, 4, 5\]"; do
+    [ $SECONDS -lt $deadline ] || fail "participant 4 not readmitted after reconnect" || return 1
+    sleep 0.5
+  done
+  tx 1 put after 1 >/dev/null
+  converged && same_everywhere pre 1 && same_everywhere cut 1 && same_everywhere after 1
+}
+
+test_restart_and_down_up_keep_data() {
+  for i in $(seq 1 10); do tx 1 put "keep/$i" "$i" >/dev/null; done
+  dc restart participant-2 >/dev/null 2>&1
+  wait_healthy && converged || return 1
+  dc restart >/dev/null 2>&1
+  wait_healthy && converged || return 1
+  for i in 1 5 10; do same_everywhere "keep/$i" "$i" || return 1; done
+  dc down >/dev/null 2>&1
+  dc up -d >/dev/null 2>&1
+  wait_healthy && converged || return 1
+  all_have "$(for i in $(seq 1 10); do echo "keep/$i $i"; done)"
+}
+
+test_wiped_participant_reseeds() {
+  for i in $(seq 1 5); do tx 1 put "seed/$i" "$i" >/dev/null; done
+  dc stop participant-5 >/dev/null 2>&1
+  dc rm -f participant-5 >/dev/null 2>&1
+  docker volume rm "${project}_participant-5-data" >/dev/null
+  dc up -d participant-5 >/dev/null 2>&1
+  wait_healthy && converged || return 1
+  all_have "$(for i in $(seq 1 5); do echo "seed/$i $i"; done)"
+}
+
+test_bad_configuration_exits_with_a_message() {
+  local net img
+  net="${project}_treaty"
+  img=treaty:latest
+  # Wrong coordinator address: a replica that never joined gives up.
+  local out code
+  out=$(docker run --rm --network "$net" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
+    -e TREATY_COORDINATOR=no-such-coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
+  [ "$code" -ne 0 ] && grep -q "check --coordinator (TREATY_COORDINATOR)" <<<"$out" || fail "wrong coordinator: code $code: $out" || return 1
+  # An id that does not exist in the cluster.
+  out=$(docker run --rm --network "$net" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
+    -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
+  [ "$code" -ne 0 ] && grep -q "there is no participant 9" <<<"$out" || fail "bad id: code $code: $out" || return 1
+  # Duplicate ids: participant-2 restarted claiming id 1 against its own volume.
+  dc stop participant-2 >/dev/null 2>&1
+  out=$(docker run --rm --network "$net" -v "${project}_participant-2-data:/data" -e TREATY_ID=1 -e TREATY_DATA_DIR=/data \
+    -e TREATY_LISTEN=0.0.0.0:7002 -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
+  [ "$code" -ne 0 ] && grep -q "belongs to participant 2" <<<"$out" || fail "duplicate id: code $code: $out" || return 1
+  echo "    e.g. $(tail -1 <<<"$out")"
+  dc start participant-2 >/dev/null 2>&1
+  wait_healthy && converged
+}
+
+all=(write_one_read_all kill_participant_mid_batch coordinator_killed_between_phases network_disconnect
+  restart_and_down_up_keep_data wiped_participant_reseeds bad_configuration_exits_with_a_message)
+selected=("$@")
+[ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
+
+# Build once: the host CLI and the image.
+(cd "$root" && cargo build --release --locked --bin treaty -q)
+"$here/cluster.sh" build
+
+for t in "${selected[@]}"; do run_test "$t"; done
+echo "docker tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ] || { echo "failed:$failures"; exit 1; }

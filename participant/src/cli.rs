@@ -1,0 +1,45 @@
+//! Command-line flags, shared by the `treaty-participant` binary and `treaty demo`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A Treaty replica: votes in two-phase commit, stores data and its WAL in
+/// sled, serves reads.
+#[derive(clap::Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    /// This replica's id: its 1-based position in the coordinator's --participants.
+    #[arg(long, env = "TREATY_ID")]
+    pub id: u64,
+    /// Address to listen on.
+    #[arg(long, env = "TREATY_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: String,
+    /// Directory for data and WAL (created if missing).
+    #[arg(long, env = "TREATY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The coordinator's address.
+    #[arg(long, env = "TREATY_COORDINATOR", default_value = "127.0.0.1:7000")]
+    pub coordinator: String,
+    /// How long a write or read waits for a key held by a prepared transaction (ms).
+    #[arg(long, env = "TREATY_LOCK_WAIT_MS", default_value_t = 2000)]
+    pub lock_wait_ms: u64,
+}
+
+/// Runs the server as the binary does; returns only on shutdown or error.
+pub async fn main_with(args: Args) -> i32 {
+    if args.id == 0 {
+        eprintln!("treaty-participant: --id must be 1 or more (its position in the coordinator's --participants)");
+        return 2;
+    }
+    let listener = match treaty_common::start_server("treaty-participant", &args.listen).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let mut config = crate::Config::new(args.id, args.data_dir, args.coordinator);
+    config.lock_wait = Duration::from_millis(args.lock_wait_ms);
+    if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
+        eprintln!("treaty-participant: {e:#}");
+        return 1;
+    }
+    0
+}

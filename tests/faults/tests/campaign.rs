@@ -1,0 +1,30 @@
+//! A bounded set of fault-injection campaigns for CI (a few seeds of a few
+//! seconds each), plus proof that the checker rejects a broken build.
+
+use std::time::Duration;
+
+use treaty_faults::{run, CampaignConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_fault_campaigns_stay_linearizable() {
+    for seed in 1..=3 {
+        let report = run(CampaignConfig::new(seed)).await.unwrap();
+        println!("{}", report.summary());
+        assert!(!report.faults.is_empty(), "seed {seed} injected no fault");
+        assert!(report.committed > 20, "seed {seed} made too little progress: {}", report.summary());
+        assert!(report.linearizable(), "{}", report.summary());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_a_build_whose_reads_skip_the_prepared_wait() {
+    let mut cfg = CampaignConfig::new(42);
+    cfg.broken = true;
+    cfg.faults = false;
+    cfg.duration = Duration::from_secs(6);
+    cfg.groups = 1;
+    cfg.clients = 8;
+    let report = run(cfg).await.unwrap();
+    println!("{}", report.summary());
+    assert!(!report.linearizable(), "the broken build passed the check: {}", report.summary());
+}

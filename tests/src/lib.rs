@@ -1,0 +1,261 @@
+//! A harness for multi-process tests: real `treaty-coordinator` and
+//! `treaty-participant` binaries on loopback, real sled directories, and
+//! `kill -9` (SIGKILL) to crash them.
+//!
+//! The binaries are built once per test process with `cargo build --workspace
+//! --bins` (a no-op when they are up to date), so `cargo test` alone suffices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use treaty_client::{Client, ReadMode};
+use treaty_common::rpc::NodeStatus;
+
+/// Path of a workspace binary, building the workspace's binaries first.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(&workspace)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace.join("target"));
+        target.join("debug")
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Ports that were free a moment ago (bound to port 0, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// A key's value and version as one replica holds it (`None`: missing).
+pub type Entry = Option<(Vec<u8>, u64)>;
+
+/// Node 0 is the coordinator; nodes 1..=n are participants.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ports: Vec<u16>,
+    procs: Vec<Option<Child>>,
+    /// Extra flags for the coordinator (e.g. `--min-replicas 2`).
+    pub coordinator_args: Vec<String>,
+    /// Addresses the coordinator uses for participants 1..=n (default: their
+    /// own; a fault proxy can sit in between).
+    pub route_to_participant: Option<Vec<String>>,
+    /// Address each participant 1..=n uses for the coordinator.
+    pub route_to_coordinator: Option<Vec<String>>,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `n` participants and waits until all are ready.
+    pub async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[]).await
+    }
+
+    /// Like [`Cluster::start`] with extra coordinator flags.
+    pub async fn start_with(n: usize, coordinator_args: &[&str]) -> Cluster {
+        let mut c = Cluster::new(n);
+        c.coordinator_args.extend(coordinator_args.iter().map(|s| s.to_string()));
+        for i in 0..=n {
+            c.spawn(i, &[]);
+        }
+        c.wait_ready(Duration::from_secs(20)).await;
+        c
+    }
+
+    /// Allocates ports and directories without starting anything.
+    pub fn new(n: usize) -> Cluster {
+        Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            ports: free_ports(n + 1),
+            procs: (0..=n).map(|_| None).collect(),
+            coordinator_args: vec!["--min-replicas".into(), n.min(3).to_string()],
+            route_to_participant: None,
+            route_to_coordinator: None,
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.ports.len() - 1
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{i}"))
+    }
+
+    pub fn participant_addrs(&self) -> Vec<String> {
+        (1..=self.n()).map(|i| self.addr(i)).collect()
+    }
+
+    /// The command line that starts node `i`.
+    pub fn command(&self, i: usize) -> Command {
+        let mut cmd;
+        if i == 0 {
+            cmd = Command::new(binary("treaty-coordinator"));
+            cmd.arg("--listen").arg(self.addr(0)).arg("--data-dir").arg(self.data_dir(0));
+            let targets = self.route_to_participant.clone().unwrap_or_else(|| self.participant_addrs());
+            cmd.arg("--participants").arg(targets.join(","));
+            cmd.args(&self.coordinator_args);
+        } else {
+            cmd = Command::new(binary("treaty-participant"));
+            cmd.arg("--id").arg(i.to_string()).arg("--listen").arg(self.addr(i));
+            let coordinator = match &self.route_to_coordinator {
+                Some(routes) => routes[i - 1].clone(),
+                None => self.addr(0),
+            };
+            cmd.arg("--data-dir").arg(self.data_dir(i)).arg("--coordinator").arg(coordinator);
+        }
+        cmd.env("RUST_LOG", "info,tarpc=warn").env_remove("TREATY_FAILPOINTS").stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts node `i` with extra environment variables (e.g. failpoints).
+    pub fn spawn(&mut self, i: usize, env: &[(&str, &str)]) {
+        assert!(self.procs[i].is_none(), "node {i} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{i}.log")))
+            .unwrap();
+        let mut cmd = self.command(i);
+        cmd.envs(env.iter().copied()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.procs[i] = Some(cmd.spawn().expect("spawning a node"));
+    }
+
+    /// SIGKILLs node `i` (like a power cut for the process) and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.procs[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops node `i` gracefully (SIGTERM, as `docker stop` does) and waits.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(child) = self.procs[i].as_ref() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            assert!(self.wait_exit(i, Duration::from_secs(10)), "node {i} did not stop on SIGTERM");
+        }
+    }
+
+    /// Waits for node `i` to exit by itself (e.g. at a failpoint) and returns
+    /// whether it did within `timeout`.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.procs[i].as_mut() {
+                if child.try_wait().unwrap().is_some() {
+                    self.procs[i] = None;
+                    return true;
+                }
+            } else {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Process id of node `i`, if running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].as_ref().map(|c| c.id())
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{i}.log"))).unwrap_or_default()
+    }
+
+    /// A client using every participant as an endpoint.
+    pub fn client(&self) -> Client {
+        Client::new(self.participant_addrs()).with_timeout(Duration::from_secs(10))
+    }
+
+    /// A client bound to participant `i` only.
+    pub fn client_for(&self, i: usize) -> Client {
+        Client::new(vec![self.addr(i)]).with_timeout(Duration::from_secs(10))
+    }
+
+    /// Participant `i`'s own status, if it answers.
+    pub async fn status(&self, i: usize) -> Option<NodeStatus> {
+        self.client_for(i).node_statuses().await.pop().and_then(|(_, s)| s.ok())
+    }
+
+    /// Waits until every participant is ready and in the view and all have
+    /// applied the same index; returns that index.
+    pub async fn wait_ready(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut indexes = Vec::new();
+            for i in 1..=self.n() {
+                match self.status(i).await {
+                    // Ready, and holding a read lease (so it serves reads).
+                    Some(s) if s.ready && s.lease_ms.is_some() => indexes.push(s.applied_index),
+                    _ => {}
+                }
+            }
+            if indexes.len() == self.n() && indexes.iter().all(|x| *x == indexes[0]) {
+                // ... and the view holds every participant again.
+                let status = self.client().cluster_status().await;
+                if let Ok(s) = status {
+                    if s.coordinator.applied_index == indexes[0] && s.members.len() == self.n() {
+                        return indexes[0];
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> =
+                    (0..=self.n()).map(|i| format!("--- node {i}\n{}", tail(&self.log(i)))).collect();
+                panic!("cluster not ready/converged after {timeout:?}: applied {indexes:?}\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads `keys` from every participant's local state and asserts all
+    /// replicas hold identical values and versions. Returns participant 1's.
+    pub async fn assert_replicas_identical(&self, keys: &[Vec<u8>]) -> Vec<Entry> {
+        let mut first: Option<Vec<Entry>> = None;
+        for i in 1..=self.n() {
+            let c = self.client_for(i);
+            let mut values = Vec::new();
+            for k in keys {
+                let v = c.get_with(k, ReadMode::Stale).await.unwrap_or_else(|e| panic!("stale read on {i}: {e}"));
+                values.push(v.map(|v| (v.value, v.version)));
+            }
+            match &first {
+                None => first = Some(values),
+                Some(f) => assert_eq!(f, &values, "participant {i} differs from participant 1"),
+            }
+        }
+        first.unwrap()
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.procs.len() {
+            self.kill(i);
+        }
+    }
+}

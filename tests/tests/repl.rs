@@ -1,0 +1,149 @@
+//! The REPL driven through a real pseudo-terminal, against a real cluster.
+
+use std::process::Command;
+use std::time::Duration;
+
+use rexpect::session::{spawn_command, PtySession};
+use treaty_tests::{binary, Cluster};
+
+fn shell(endpoints: &[String], history: &std::path::Path) -> PtySession {
+    shell_with(endpoints, history, false)
+}
+
+fn shell_with(endpoints: &[String], history: &std::path::Path, color: bool) -> PtySession {
+    let mut cmd = Command::new(binary("treaty"));
+    cmd.args(["--endpoints", &endpoints.join(","), "repl"]).env("TREATY_HISTORY", history).env("TERM", "xterm");
+    if color {
+        cmd.env_remove("NO_COLOR");
+    } else {
+        cmd.env("NO_COLOR", "1");
+    }
+    let mut s = spawn_command(cmd, Some(15_000)).expect("spawn treaty repl");
+    s.exp_string("Treaty shell").unwrap();
+    s
+}
+
+async fn value(c: &Cluster, key: &[u8]) -> Option<Vec<u8>> {
+    c.client().get(key).await.unwrap().map(|v| v.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_history_and_the_transaction_flow() {
+    let c = Cluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hist = dir.path().join("history");
+    let eps = c.participant_addrs();
+    {
+        let mut s = shell_with(&eps, &hist, true);
+        // Tab completes the command: we type only "pu<TAB>".
+        s.send("pu").unwrap();
+        s.send("\t").unwrap();
+        s.send_line("k v").unwrap();
+        // On a terminal without NO_COLOR, success is green.
+        s.exp_string("\x1b[32mOK (commit index 1)").unwrap();
+        s.send_line("put hist 1").unwrap();
+        s.exp_string("OK (commit index 2)").unwrap();
+        // A transaction: reads record versions, writes are buffered.
+        s.send_line("begin").unwrap();
+        s.exp_string("transaction open").unwrap();
+        s.exp_string("txn> ").unwrap();
+        s.send_line("get k").unwrap();
+        s.exp_string("(version 1)").unwrap();
+        s.send_line("put k2 \"two words\"").unwrap();
+        s.exp_string("buffered").unwrap();
+        s.send_line("get k2").unwrap();
+        s.exp_string("(written in this transaction)").unwrap();
+        s.send_line("show").unwrap();
+        s.exp_string("read  k at version 1").unwrap();
+        s.exp_string("put   k2 \"two words\"").unwrap();
+        assert_eq!(value(&c, b"k2").await, None, "nothing is sent before commit");
+        s.send_line("commit").unwrap();
+        s.exp_string("OK (commit index 3)").unwrap();
+        s.send_line("timing on").unwrap();
+        s.send_line("get k2").unwrap();
+        s.exp_regex(r"\(\d+\.\d\d ms\)").unwrap();
+        // Bad input is explained and runs nothing.
+        s.send_line("put k \"open").unwrap();
+        s.exp_string("column 7: unterminated quoted string").unwrap();
+        s.send_line("frob").unwrap();
+        s.exp_string("unknown command `frob`").unwrap();
+        s.send_line("help if").unwrap();
+        s.exp_string("example: if balance/alice = 100").unwrap();
+        s.send_line("put hist 1").unwrap();
+        s.exp_string("OK (commit index 4)").unwrap();
+        s.send_control('d').unwrap();
+        s.exp_eof().unwrap();
+    }
+    assert_eq!(value(&c, b"k").await.unwrap(), b"v");
+    assert_eq!(value(&c, b"k2").await.unwrap(), b"two words");
+    // History survives a restart: Up arrow recalls the last command.
+    c.client().delete(b"hist").await.unwrap();
+    let mut s = shell(&eps, &hist);
+    s.send("\x1b[A").unwrap(); // the last line of the previous session
+    s.send_line("").unwrap();
+    s.exp_string("OK (commit index").unwrap();
+    s.send_control('d').unwrap();
+    s.exp_eof().unwrap();
+    assert_eq!(value(&c, b"hist").await.unwrap(), b"1", "history recalled `put hist 1`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_writers_in_two_shells_second_commit_aborts() {
+    let c = Cluster::start(3).await;
+    c.client().put(b"x", b"0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let eps = c.participant_addrs();
+    let mut a = shell(&eps, &dir.path().join("a"));
+    let mut b = shell(&eps[1..], &dir.path().join("b"));
+    for s in [&mut a, &mut b] {
+        s.send_line("begin").unwrap();
+        s.exp_string("transaction open").unwrap();
+        s.send_line("get x").unwrap();
+        s.exp_string("0  (version 1)").unwrap();
+    }
+    a.send_line("put x from-a").unwrap();
+    a.exp_string("buffered").unwrap();
+    b.send_line("put x from-b").unwrap();
+    b.exp_string("buffered").unwrap();
+    b.send_line("put y from-b").unwrap();
+    b.exp_string("buffered").unwrap();
+    b.send_line("commit").unwrap();
+    b.exp_string("OK (commit index 2)").unwrap();
+    a.send_line("commit").unwrap();
+    a.exp_string("aborted: x changed since this transaction read it").unwrap();
+    a.exp_string("nothing was applied").unwrap();
+    assert_eq!(value(&c, b"x").await.unwrap(), b"from-b");
+    assert_eq!(value(&c, b"y").await.unwrap(), b"from-b");
+    // Ctrl-C with an open transaction asks before discarding it.
+    a.send_line("begin").unwrap();
+    a.exp_string("transaction open").unwrap();
+    a.send_line("put z 1").unwrap();
+    a.exp_string("buffered").unwrap();
+    // Wait for the next prompt: the line editor is in raw mode by then.
+    a.exp_string("txn> ").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    a.send_control('c').unwrap();
+    a.exp_string("discard the open transaction? [y/N]").unwrap();
+    a.send_line("y").unwrap();
+    a.exp_string("transaction discarded").unwrap();
+    a.send_line("commit").unwrap();
+    a.exp_string("no transaction is open").unwrap();
+    assert_eq!(value(&c, b"z").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_endpoint_is_replaced_and_the_shell_says_so() {
+    let mut c = Cluster::start(3).await;
+    c.client().put(b"k", b"v").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = shell(&c.participant_addrs(), &dir.path().join("h"));
+    s.send_line("get k").unwrap();
+    s.exp_string("v  (version 1)").unwrap();
+    c.kill(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.send_line("get k").unwrap();
+    s.exp_string(&format!("lost {}; reconnected to {}", c.addr(1), c.addr(2))).unwrap();
+    s.exp_string(&format!("treaty {}> ", c.addr(2))).unwrap();
+    s.send_line("exit").unwrap();
+    s.exp_eof().unwrap();
+}
