@@ -38,6 +38,19 @@ host_endpoints() {
   echo "${eps#,}"
 }
 fail() { echo "FAIL: $*" >&2; dc logs --tail 30 >&2 || true; return 1; }
+# Waits up to 10 s for service $1's logs to contain $2. The logs are read into
+# a variable first: `docker logs | grep -q` under pipefail fails whenever grep
+# exits before docker logs has written everything (SIGPIPE), and the log
+# driver may lag the container by a moment.
+logs_contain() {
+  local deadline=$((SECONDS + 10)) logs
+  while :; do
+    logs=$(docker logs "$(cid "$1")" 2>&1 || true)
+    if grep -qF -- "$2" <<<"$logs"; then return 0; fi
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 0.5
+  done
+}
 wait_healthy() { TREATY_PROJECT="$project" "$here/cluster.sh" wait; }
 converged() {
   # Every participant reports the coordinator's last index and is ready.
@@ -127,8 +140,7 @@ test_coordinator_killed_between_phases() {
   local out
   if out=$(tx 2 put doubt yes 2>&1); then fail "write reported ok although the coordinator died: $out" || return 1; fi
   echo "    client saw: $out"
-  docker logs "$(cid coordinator)" 2>&1 | grep -q "failpoint coordinator::after_decision_sync hit" \
-    || fail "failpoint not hit" || return 1
+  logs_contain coordinator "failpoint coordinator::after_decision_sync hit" || fail "failpoint not hit" || return 1
   # Before the coordinator is back, the replicas hold the write in doubt.
   # The container restarts (restart policy) and the replicas resolve it; then
   # run the coordinator without the failpoint.
@@ -154,7 +166,7 @@ test_network_disconnect() {
   grep -q "members \[1, 2, 3, 5\]" <<<"$out" || fail "participant 4 not excluded: $out" || return 1
   docker network connect --alias participant-4 "$net" "$c"
   local deadline=$((SECONDS + 30))
-  until tx 1 status 2>/dev/null | grep -q "members \[1, 2, 3, 4, 5\]"; do
+  until grep -q "members \[1, 2, 3, 4, 5\]" <<<"$(tx 1 status 2>/dev/null || true)"; do
     [ $SECONDS -lt $deadline ] || fail "participant 4 not readmitted after reconnect" || return 1
     sleep 0.5
   done
