@@ -138,8 +138,15 @@ test_coordinator_killed_between_phases() {
   TREATY_FAILPOINTS_COORDINATOR="coordinator::after_decision_sync=return" dc up -d coordinator >/dev/null 2>&1
   wait_healthy
   local out
-  if out=$(tx 2 put doubt yes 2>&1); then fail "write reported ok although the coordinator died: $out" || return 1; fi
-  echo "    client saw: $out"
+  if out=$(tx 2 put doubt yes 2>&1); then
+    # The client looked the transaction up after losing the coordinator and,
+    # the restart policy having brought it back, found it committed.
+    echo "    client saw (after looking the transaction up): $out"
+  else
+    # Or the coordinator was still down: the error names the id to look up.
+    grep -q "treaty outcome [0-9a-f]\{32\}" <<<"$out" || fail "the error does not say how to learn the outcome: $out" || return 1
+    echo "    client saw: $out"
+  fi
   logs_contain coordinator "failpoint coordinator::after_decision_sync hit" || fail "failpoint not hit" || return 1
   # Before the coordinator is back, the replicas hold the write in doubt.
   # The container restarts (restart policy) and the replicas resolve it; then

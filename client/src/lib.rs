@@ -19,11 +19,16 @@
 //! The client talks to participants (any of them: each serves reads locally
 //! and forwards writes to the coordinator). If an endpoint is unreachable or
 //! still catching up, the next one is tried. A transaction keeps its id across
-//! retries, so a retry after a timeout never applies twice.
+//! retries, so a retry after a timeout never applies twice. A write that
+//! fails in a way that leaves its fate open (the coordinator lost between the
+//! phases) is looked up before the error is returned: if it committed, the
+//! commit is returned; if that cannot be known yet, the error names the
+//! transaction id and `treaty outcome ID`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub use treaty_common::rpc::Outcome;
 use treaty_common::rpc::{self, ClusterStatus, NodeStatus, ParticipantServiceClient, Peer};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
 
@@ -166,15 +171,40 @@ impl Client {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
                 }
+                Err(e @ (Error::Unavailable(_) | Error::InDoubt(_))) => return self.settle(txn.id, e).await,
                 other => return other,
             }
         }
     }
 
-    /// What became of a transaction id: committed (with its index), never
-    /// took effect (`Aborted`), or still running (`Pending`). Useful after a
-    /// timeout, instead of resubmitting.
-    pub async fn outcome(&self, txn_id: TxnId) -> Result<treaty_common::rpc::Outcome> {
+    /// After a failure that may have happened once the transaction reached
+    /// the coordinator (a lost connection, a crash between the phases), asks
+    /// what became of it: a commit is reported as one; otherwise the error
+    /// says whether the transaction may still commit and how to find out.
+    async fn settle(&self, id: TxnId, e: Error) -> Result<Committed> {
+        let note = match self.outcome(id).await {
+            Ok(Outcome::Committed(index)) => return Ok(Committed { index }),
+            // Not committed and not running: a retry under the same id is safe.
+            Ok(Outcome::Aborted) => return Err(e),
+            Ok(Outcome::Pending) => {
+                format!("transaction {id} is still running and may yet commit: `treaty outcome {id}` tells which")
+            }
+            Err(_) => format!(
+                "transaction {id} may or may not have committed: `treaty outcome {id}` tells which once the \
+                 coordinator is reachable"
+            ),
+        };
+        Err(match e {
+            Error::Unavailable(m) => Error::Unavailable(format!("{m}; {note}")),
+            Error::InDoubt(m) => Error::InDoubt(format!("{m}; {note}")),
+            other => other,
+        })
+    }
+
+    /// What became of a transaction id: committed (with its index), not
+    /// committed and not running (`Aborted`: resubmitting the same id is
+    /// safe), or still running (`Pending`). Useful after a timeout.
+    pub async fn outcome(&self, txn_id: TxnId) -> Result<Outcome> {
         let timeout = self.timeout.min(Duration::from_secs(5));
         self.with_failover(|c| async move { c.txn_outcome(rpc::deadline(timeout), txn_id).await }).await
     }

@@ -5,7 +5,7 @@
 //! 3 cluster unavailable; 4 `get` of a missing key.
 
 use clap::{Parser, Subcommand};
-use treaty_client::{bench, demo, repl, Client, Error, ReadMode};
+use treaty_client::{bench, demo, repl, Client, Error, Outcome, ReadMode};
 use treaty_common::types::escape;
 
 const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
@@ -41,6 +41,12 @@ enum Command {
     Cas { key: String, expected: String, new: String },
     /// Show every node: up or down, role, applied commit index.
     Status,
+    /// What became of a transaction (by the id an error message named):
+    /// exit 0 committed, 1 not committed (or still running), 3 unknown yet.
+    Outcome {
+        /// The transaction id (32 hex digits).
+        id: String,
+    },
     /// Open the interactive shell.
     Repl,
     /// Run a batch file of commands (`-` reads standard input). See docs/cli.md.
@@ -233,6 +239,27 @@ fn main() {
                     report(rt.block_on(client.cas(key.as_bytes(), Some(expected.as_bytes()), new.as_bytes())))
                 }
                 Command::Status => print_status(&client, &rt),
+                Command::Outcome { id } => match id.parse::<treaty_client::TxnId>() {
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        2
+                    }
+                    Ok(id) => match rt.block_on(client.outcome(id)) {
+                        Ok(Outcome::Committed(index)) => {
+                            println!("committed at index {index}");
+                            0
+                        }
+                        Ok(Outcome::Aborted) => {
+                            println!("not committed (it has not taken effect)");
+                            1
+                        }
+                        Ok(Outcome::Pending) => {
+                            println!("still running: ask again shortly");
+                            1
+                        }
+                        Err(e) => fail(e),
+                    },
+                },
                 _ => unreachable!("handled above"),
             }
         }

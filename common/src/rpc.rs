@@ -64,6 +64,7 @@ pub enum Vote {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Committed(u64),
+    /// No commit record and not running: it has not taken effect.
     Aborted,
     /// Still collecting votes: ask again later.
     Pending,
@@ -172,8 +173,9 @@ pub trait CoordinatorService {
     async fn fetch_log(cluster: ClusterId, from: u64, max: u64) -> Result<Vec<LogEntry>>;
     async fn status() -> ClusterStatus;
     /// What became of a transaction id: `Committed(index)`, `Aborted` (no
-    /// commit record: it never took effect), or `Pending` (still running).
-    async fn outcome(txn_id: TxnId) -> Outcome;
+    /// commit record and not running: it has not taken effect, and
+    /// resubmitting the same id is safe), or `Pending` (still running).
+    async fn outcome(txn_id: TxnId) -> Result<Outcome>;
     /// The coordinator's own status (cheap: asks nobody else).
     async fn node_status() -> NodeStatus;
 }

@@ -43,6 +43,20 @@ impl fmt::Display for TxnId {
     }
 }
 
+impl std::str::FromStr for TxnId {
+    type Err = String;
+
+    /// Parses the 32 hex digits that `Display` prints.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "{s:?} is not a transaction id: expected the 32 hex digits an error message or `--json` output shows"
+            ));
+        }
+        u128::from_str_radix(s, 16).map(TxnId).map_err(|e| e.to_string())
+    }
+}
+
 impl fmt::Debug for TxnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "txn:{:08x}", (self.0 >> 96) as u32)
@@ -260,6 +274,17 @@ pub fn escape(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transaction_ids_parse_back_from_what_they_print() {
+        let id = TxnId::random();
+        assert_eq!(id.to_string().parse::<TxnId>(), Ok(id));
+        assert_eq!("0".repeat(32).parse::<TxnId>(), Ok(TxnId(0)));
+        for bad in ["", "xyz", &"0".repeat(31), &"0".repeat(33), &"g".repeat(32), "+0000000000000000000000000000000"] {
+            let e = bad.parse::<TxnId>().unwrap_err();
+            assert!(e.contains("is not a transaction id"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn limits_are_enforced_with_clear_errors() {

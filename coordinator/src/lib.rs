@@ -578,13 +578,15 @@ impl CoordinatorService for Server {
         self.0.node_status()
     }
 
-    async fn outcome(self, _: Context, txn_id: TxnId) -> Outcome {
+    async fn outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
+        // In-flight first: a run that finishes in between has recorded its
+        // decision before leaving `inflight`, so the lookup below sees it.
         let inflight = self.0.inflight.lock().unwrap().contains_key(&txn_id);
-        match self.0.store.decision(txn_id) {
-            Ok(Some(Decision::Committed(i))) => Outcome::Committed(i),
+        Ok(match self.0.store.decision(txn_id)? {
+            Some(Decision::Committed(i)) => Outcome::Committed(i),
             _ if inflight => Outcome::Pending,
             _ => Outcome::Aborted,
-        }
+        })
     }
 }
 

@@ -576,7 +576,7 @@ impl ParticipantService for Server {
     async fn txn_outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
         self.0
             .coordinator
-            .call_infallible(|c: CoordinatorServiceClient| async move {
+            .call(|c: CoordinatorServiceClient| async move {
                 c.outcome(rpc::deadline(Duration::from_secs(5)), txn_id).await
             })
             .await

@@ -348,12 +348,61 @@ async fn the_cli_reports_outcomes_with_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable: endpoint 127.0.0.1:1 unreachable"));
 }
 
+/// A write whose fate is open (the coordinator died after its decision was
+/// durable, before anyone heard) is reported with its id, and `treaty
+/// outcome ID` tells what happened once the coordinator is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_write_names_its_id_and_outcome_tells_what_happened() {
+    let mut c = Cluster::start(3).await;
+    let eps = c.participant_addrs().join(",");
+    c.client().put(b"base", b"0").await.unwrap();
+    c.stop(0);
+    c.spawn(0, &[("TREATY_FAILPOINTS", "coordinator::after_decision_sync=return")]);
+    c.wait_ready(Duration::from_secs(10)).await;
+
+    let out = treaty(&["--endpoints", &eps, "put", "fate", "sealed"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(c.wait_exit(0, Duration::from_secs(10)), "the coordinator did not crash: {err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("may or may not have committed"), "{err}");
+    let id = err
+        .split("treaty outcome ")
+        .nth(1)
+        .and_then(|rest| rest.get(..32))
+        .unwrap_or_else(|| panic!("no transaction id in: {err}"))
+        .to_string();
+    // Still unknown while the coordinator is down.
+    let out = treaty(&["--endpoints", &eps, "outcome", &id]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    c.spawn(0, &[]);
+    let last = c.wait_ready(Duration::from_secs(20)).await;
+    let out = treaty(&["--endpoints", &eps, "outcome", &id]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("committed at index {last}"));
+    let v = c.client().get(b"fate").await.unwrap().unwrap();
+    assert_eq!((v.value.as_slice(), v.version), (&b"sealed"[..], last));
+    c.assert_replicas_identical(&[b"fate".to_vec()]).await;
+
+    // An id nobody ever sent, and one that is not an id.
+    let out = treaty(&["--endpoints", &eps, "outcome", &"0".repeat(32)]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not committed"));
+    let out = treaty(&["--endpoints", &eps, "outcome", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a transaction id"));
+}
+
 /// While the coordinator is down, linearizable reads go on until the
 /// replicas' leases expire, then fail with the reason; stale reads go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_survive_a_coordinator_outage_until_leases_expire() {
     let mut c = Cluster::start(3).await;
     c.client().put(b"k", b"v").await.unwrap();
+    // Let every replica apply it first: COMMIT messages go out after the
+    // client's answer, and a replica still holding the write prepared when
+    // the coordinator dies must wait for it (tested separately).
+    c.wait_ready(Duration::from_secs(10)).await;
     c.kill(0);
     let down = Instant::now();
     let replica = c.client_for(2);

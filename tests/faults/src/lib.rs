@@ -32,6 +32,34 @@ use treaty_tests::Cluster;
 use checker::{Call, Cond, Op, Ret, Verdict};
 use proxy::{Mode, Proxy};
 
+/// The kinds of fault a campaign injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum FaultKind {
+    /// `kill -9` a participant, restart it after the hold time.
+    KillParticipant,
+    /// `kill -9` the coordinator, restart it after the hold time.
+    KillCoordinator,
+    /// SIGSTOP a participant, SIGCONT after the hold time.
+    PauseParticipant,
+    /// SIGSTOP the coordinator, SIGCONT after the hold time.
+    PauseCoordinator,
+    /// Cut one participant off from the coordinator: connections refused/reset.
+    PartitionDrop,
+    /// Cut one participant off silently: bytes are swallowed, nothing answers.
+    PartitionBlackhole,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::KillParticipant,
+        FaultKind::KillCoordinator,
+        FaultKind::PauseParticipant,
+        FaultKind::PauseCoordinator,
+        FaultKind::PartitionDrop,
+        FaultKind::PartitionBlackhole,
+    ];
+}
+
 #[derive(Clone, Debug)]
 pub struct CampaignConfig {
     pub seed: u64,
@@ -40,6 +68,8 @@ pub struct CampaignConfig {
     pub clients: usize,
     pub groups: usize,
     pub faults: bool,
+    /// Which faults to inject (all of them unless narrowed).
+    pub kinds: Vec<FaultKind>,
     /// Run a deliberately broken build: reads skip the wait for prepared
     /// writes (and applies are slowed to widen the window). The checker must
     /// reject the history.
@@ -48,7 +78,15 @@ pub struct CampaignConfig {
 
 impl CampaignConfig {
     pub fn new(seed: u64) -> Self {
-        CampaignConfig { seed, duration: Duration::from_secs(8), clients: 6, groups: 4, faults: true, broken: false }
+        CampaignConfig {
+            seed,
+            duration: Duration::from_secs(8),
+            clients: 6,
+            groups: 4,
+            faults: true,
+            kinds: FaultKind::ALL.to_vec(),
+            broken: false,
+        }
     }
 }
 
@@ -198,6 +236,7 @@ async fn inject_faults(
     to_participant: &[Proxy],
     to_coordinator: &[Proxy],
     rng: &mut StdRng,
+    kinds: &[FaultKind],
     until: Instant,
 ) -> Vec<String> {
     let mut log = Vec::new();
@@ -206,33 +245,46 @@ async fn inject_faults(
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))).await;
         let hold = Duration::from_millis(rng.gen_range(300..2500));
         let target = rng.gen_range(1..=n);
-        match rng.gen_range(0..6) {
-            0 => {
+        let kind = if kinds.len() == FaultKind::ALL.len() {
+            // The draw every seed has always used (partitions twice as likely).
+            match rng.gen_range(0..6) {
+                0 => FaultKind::KillParticipant,
+                1 => FaultKind::KillCoordinator,
+                2 => FaultKind::PauseParticipant,
+                3 => FaultKind::PauseCoordinator,
+                _ if rng.gen_bool(0.5) => FaultKind::PartitionDrop,
+                _ => FaultKind::PartitionBlackhole,
+            }
+        } else {
+            kinds[rng.gen_range(0..kinds.len())]
+        };
+        match kind {
+            FaultKind::KillParticipant => {
                 log.push(format!("kill -9 participant {target} for {} ms", hold.as_millis()));
                 cluster.kill(target);
                 tokio::time::sleep(hold).await;
                 cluster.spawn(target, &[]);
             }
-            1 => {
+            FaultKind::KillCoordinator => {
                 log.push(format!("kill -9 coordinator for {} ms", hold.as_millis()));
                 cluster.kill(0);
                 tokio::time::sleep(hold).await;
                 cluster.spawn(0, &[]);
             }
-            2 => {
+            FaultKind::PauseParticipant => {
                 log.push(format!("SIGSTOP participant {target} for {} ms", hold.as_millis()));
                 signal(cluster, target, libc::SIGSTOP);
                 tokio::time::sleep(hold).await;
                 signal(cluster, target, libc::SIGCONT);
             }
-            3 => {
+            FaultKind::PauseCoordinator => {
                 log.push(format!("SIGSTOP coordinator for {} ms", hold.as_millis()));
                 signal(cluster, 0, libc::SIGSTOP);
                 tokio::time::sleep(hold).await;
                 signal(cluster, 0, libc::SIGCONT);
             }
-            4 | 5 => {
-                let mode = if rng.gen_bool(0.5) { Mode::Drop } else { Mode::Blackhole };
+            FaultKind::PartitionDrop | FaultKind::PartitionBlackhole => {
+                let mode = if kind == FaultKind::PartitionDrop { Mode::Drop } else { Mode::Blackhole };
                 log.push(format!("partition participant {target} ({mode:?}) for {} ms", hold.as_millis()));
                 to_participant[target - 1].set(mode);
                 to_coordinator[target - 1].set(mode);
@@ -240,7 +292,6 @@ async fn inject_faults(
                 to_participant[target - 1].set(Mode::Pass);
                 to_coordinator[target - 1].set(Mode::Pass);
             }
-            _ => unreachable!(),
         }
     }
     log
@@ -277,7 +328,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
     }
     let until = Instant::now() + cfg.duration;
     let faults = if cfg.faults {
-        inject_faults(&mut cluster, &to_participant, &to_coordinator, &mut rng, until).await
+        inject_faults(&mut cluster, &to_participant, &to_coordinator, &mut rng, &cfg.kinds, until).await
     } else {
         Vec::new()
     };
