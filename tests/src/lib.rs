@@ -227,9 +227,38 @@ impl Cluster {
         }
     }
 
-    /// Reads `keys` from every participant's local state and asserts all
-    /// replicas hold identical values and versions. Returns participant 1's.
+    /// Waits (up to `timeout`) until every participant has applied the same
+    /// index, and the coordinator's last index when it answers. COMMIT
+    /// messages go out after the client's answer, so a replica may briefly
+    /// lag a write the client already saw committed.
+    pub async fn wait_applied(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut indexes = Vec::new();
+            for i in 1..=self.n() {
+                if let Some(s) = self.status(i).await {
+                    indexes.push(s.applied_index);
+                }
+            }
+            if indexes.len() == self.n() && indexes.iter().all(|x| *x == indexes[0]) {
+                match self.client().cluster_status().await {
+                    Ok(s) if s.coordinator.applied_index != indexes[0] => {}
+                    _ => return true,
+                }
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads `keys` from every participant's local state, once they have all
+    /// applied the same index, and asserts all replicas hold identical
+    /// values and versions. Returns participant 1's.
     pub async fn assert_replicas_identical(&self, keys: &[Vec<u8>]) -> Vec<Entry> {
+        // Not converging is reported by the comparison below.
+        self.wait_applied(Duration::from_secs(10)).await;
         let mut first: Option<Vec<Entry>> = None;
         for i in 1..=self.n() {
             let c = self.client_for(i);
