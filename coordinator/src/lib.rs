@@ -139,9 +139,21 @@ fn fatal_storage(what: &str, e: Error) -> ! {
 }
 
 impl Coordinator {
+    /// A transaction's decision as far as anyone may be told. A commit is
+    /// recorded before its sync and is readable at once; it counts only
+    /// once durable (its index at or below `last_index`), or a crash in
+    /// between could take back what a participant or client was told. Until
+    /// then the transaction is still in `inflight`, so it reads as running.
+    fn durable_decision(&self, txn_id: TxnId) -> Result<Option<Decision>> {
+        Ok(match self.store.decision(txn_id)? {
+            Some(Decision::Committed(i)) if i > self.last_index.load(Ordering::Acquire) => None,
+            d => d,
+        })
+    }
+
     async fn submit(&self, txn: Txn) -> Result<Committed> {
         txn.validate()?;
-        if let Some(d) = self.store.decision(txn.id)? {
+        if let Some(d) = self.durable_decision(txn.id)? {
             return decision_result(d);
         }
         let joined = {
@@ -163,7 +175,7 @@ impl Coordinator {
         }
         // A run of the same id may have finished between the lookup and the
         // insert: its decision is recorded before it leaves `inflight`.
-        let result = match self.store.decision(txn.id)? {
+        let result = match self.durable_decision(txn.id)? {
             Some(d) => decision_result(d),
             None => self.execute(&txn).await,
         };
@@ -349,7 +361,7 @@ impl Coordinator {
         let inflight = self.inflight.lock().unwrap();
         let mut outcomes = Vec::with_capacity(req.in_doubt.len());
         for (txn_id, attempt) in req.in_doubt {
-            let outcome = match self.store.decision(txn_id)? {
+            let outcome = match self.durable_decision(txn_id)? {
                 Some(Decision::Committed(i)) => Outcome::Committed(i),
                 Some(Decision::Aborted(_)) => Outcome::Aborted,
                 None if inflight.contains_key(&txn_id) => Outcome::Pending,
@@ -567,7 +579,13 @@ impl CoordinatorService for Server {
         if cluster != self.0.cluster {
             return Err(Error::Identity(format!("asked for the log of cluster {cluster}; this is {}", self.0.cluster)));
         }
-        self.0.store.entries(from, max.min(4096), 4 * 1024 * 1024)
+        // Only durable entries: one recorded but not yet synced could be
+        // lost to a crash and its index reused.
+        let last = self.0.last_index.load(Ordering::Acquire);
+        if from > last {
+            return Ok(Vec::new());
+        }
+        self.0.store.entries(from, max.min(4096).min(last - from + 1), 4 * 1024 * 1024)
     }
 
     async fn status(self, _: Context) -> ClusterStatus {
@@ -582,7 +600,7 @@ impl CoordinatorService for Server {
         // In-flight first: a run that finishes in between has recorded its
         // decision before leaving `inflight`, so the lookup below sees it.
         let inflight = self.0.inflight.lock().unwrap().contains_key(&txn_id);
-        Ok(match self.0.store.decision(txn_id)? {
+        Ok(match self.0.durable_decision(txn_id)? {
             Some(Decision::Committed(i)) => Outcome::Committed(i),
             _ if inflight => Outcome::Pending,
             _ => Outcome::Aborted,
@@ -606,6 +624,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let last = store.last_index()?;
     info!(%addr, %cluster, last_index = last, participants = ?config.participants, "coordinator starting");
     let sync = GroupSync::start(store.durability()?);
+    // What a killed process left written but unsynced is in the file now and
+    // is about to be served as durable: make it so.
+    sync.sync().await?;
     let last_index = Arc::new(AtomicU64::new(last));
     let committed = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::unbounded_channel();

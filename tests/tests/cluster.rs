@@ -5,7 +5,7 @@ use std::io::{Read, Write as _};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use treaty_client::{Client, Condition, Error, ReadMode, Txn, Write};
+use treaty_client::{Client, Condition, Error, Outcome, ReadMode, Txn, Write};
 use treaty_tests::{binary, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +346,45 @@ async fn the_cli_reports_outcomes_with_exit_codes() {
     let out = treaty(&["--endpoints", "127.0.0.1:1", "put", "a", "b"]);
     assert_eq!(out.status.code(), Some(3), "unreachable cluster");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable: endpoint 127.0.0.1:1 unreachable"));
+}
+
+/// A commit decision is written before it is synced; until the sync, no
+/// client, participant or log fetch may learn of it, or a crash in between
+/// could take back what they were told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_told_to_nobody_before_it_is_durable() {
+    let mut c = Cluster::start(3).await;
+    c.client().put(b"k", b"old").await.unwrap();
+    c.stop(0);
+    // The decider stalls for 3 s between recording a decision and syncing it.
+    c.spawn(0, &[("TREATY_FAILPOINTS", "coordinator::before_decision_sync=sleep(3000)")]);
+    let before = c.wait_ready(Duration::from_secs(10)).await;
+    let txn = Txn::new(vec![], vec![Write::Put(b"k".to_vec(), b"new".to_vec())]);
+    let id = txn.id;
+    let started = Instant::now();
+    let writer = {
+        let client = c.client();
+        tokio::spawn(async move { client.commit(txn).await })
+    };
+    // Prepare takes milliseconds; from then on the decision is recorded.
+    for at in [800, 1600] {
+        tokio::time::sleep_until((started + Duration::from_millis(at)).into()).await;
+        assert_eq!(c.client().outcome(id).await.unwrap(), Outcome::Pending, "an unsynced commit was told");
+        let s = c.client().cluster_status().await.unwrap();
+        assert_eq!(s.coordinator.applied_index, before, "an unsynced commit counts as the last index");
+        for i in 1..=3 {
+            let st = c.status(i).await.unwrap();
+            assert_eq!(st.applied_index, before, "participant {i} applied an unsynced commit");
+        }
+        let stale = c.client_for(2).get_with(b"k", ReadMode::Stale).await.unwrap().unwrap();
+        assert_eq!(stale.value, b"old");
+    }
+    let committed = writer.await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(3), "the decider did not stall before its sync");
+    assert_eq!(c.client().outcome(id).await.unwrap(), Outcome::Committed(committed.index));
+    assert_eq!(committed.index, before + 1);
+    let values = c.assert_replicas_identical(&[b"k".to_vec()]).await;
+    assert_eq!(values[0], Some((b"new".to_vec(), committed.index)));
 }
 
 /// A write whose fate is open (the coordinator died after its decision was

@@ -146,7 +146,7 @@ async fn client_loop(
     seed: u64,
     clock: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, Op, Option<TxnId>)> {
+) -> Vec<(usize, Op, Option<TxnId>, Option<u64>)> {
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut ops = Vec::new();
     let mut seq = 0u64;
@@ -160,6 +160,7 @@ async fn client_loop(
         let roll = rng.gen_range(0..100);
         let invoked = now();
         let mut txn_id = None;
+        let mut index = None;
         let (call, ret) = if roll < 40 {
             match client.get(k.as_bytes()).await {
                 Ok(v) => {
@@ -174,11 +175,13 @@ async fn client_loop(
             let txn = Txn::new(vec![], vec![Write::Put(k.clone().into_bytes(), value.clone().into_bytes())]);
             txn_id = Some(txn.id);
             let r = client.commit(txn).await;
+            index = r.as_ref().ok().map(|c| c.index);
             (Call::Put(k, value), write_ret(r.map(|_| ())))
         } else if roll < 70 {
             let txn = Txn::new(vec![], vec![Write::Delete(k.clone().into_bytes())]);
             txn_id = Some(txn.id);
             let r = client.commit(txn).await;
+            index = r.as_ref().ok().map(|c| c.index);
             (Call::Del(k), write_ret(r.map(|_| ())))
         } else {
             let other = key(g, rng.gen_range(0..3));
@@ -205,10 +208,11 @@ async fn client_loop(
             );
             txn_id = Some(txn.id);
             let r = client.commit(txn).await;
+            index = r.as_ref().ok().map(|c| c.index);
             (Call::Txn(vec![cond], writes), write_ret(r.map(|_| ())))
         };
         let returned = if ret == Ret::Unknown { u64::MAX } else { now() };
-        ops.push((g, Op { client: id, call, ret, invoked, returned }, txn_id));
+        ops.push((g, Op { client: id, call, ret, invoked, returned }, txn_id, index));
     }
     ops
 }
@@ -349,9 +353,12 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
     // durable record. Never committed means it never took effect (drop it);
     // committed means it took effect at some unknown time after its call.
     let mut history: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    // Per group, a line per operation for `TREATY_FAULTS_DUMP`.
+    let mut dump: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
     let mut worst_write_ms = 0;
     let mut resolved = 0;
-    for (g, mut op, txn_id) in recorded {
+    for (g, mut op, txn_id, mut index) in recorded {
+        let client_ret = op.ret.clone();
         if op.ret == Ret::Unknown {
             let id = txn_id.expect("writes carry their id");
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -364,9 +371,15 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
                 }
             };
             match outcome {
-                Outcome::Committed(_) => op.ret = Ret::Committed,
+                Outcome::Committed(i) => {
+                    op.ret = Ret::Committed;
+                    index = Some(i);
+                }
                 Outcome::Aborted => {
                     resolved += 1;
+                    dump.entry(g)
+                        .or_default()
+                        .push((op.invoked, format!("{op:?} txn {txn_id:?} DROPPED (never committed)")));
                     continue;
                 }
                 Outcome::Pending => {
@@ -380,6 +393,9 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
         } else if op.ret == Ret::Committed {
             worst_write_ms = worst_write_ms.max((op.returned - op.invoked) / 1_000_000);
         }
+        dump.entry(g)
+            .or_default()
+            .push((op.invoked, format!("{op:?} txn {txn_id:?} index {index:?} (client saw {client_ret:?})")));
         history.entry(g).or_default().push(op);
     }
     let all_keys: Vec<Vec<u8>> = (0..cfg.groups).flat_map(|g| (0..3).map(move |k| key(g, k).into_bytes())).collect();
@@ -390,6 +406,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
             let v = final_client.get(key(g, k).as_bytes()).await?;
             let returned = clock.elapsed().as_nanos() as u64;
             let v = v.map(|v| String::from_utf8(v.value).expect("utf8"));
+            dump.entry(g).or_default().push((invoked, format!("FINAL READ {} = {v:?}", key(g, k))));
             history.entry(g).or_default().push(Op {
                 client: usize::MAX,
                 call: Call::Get(key(g, k)),
@@ -423,6 +440,16 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
             }
         }
         let verdict = tokio::task::spawn_blocking(move || checker::check(&ops, 2_000_000)).await?;
+        if verdict != Verdict::Linearizable {
+            if let Ok(dir) = std::env::var("TREATY_FAULTS_DUMP") {
+                let mut lines = dump.remove(&g).unwrap_or_default();
+                lines.sort();
+                let text: Vec<String> = lines.into_iter().map(|(_, l)| l).collect();
+                let path = std::path::Path::new(&dir).join(format!("seed{}-group{g}.txt", cfg.seed));
+                std::fs::write(&path, text.join("\n"))?;
+                eprintln!("history of group {g} written to {}", path.display());
+            }
+        }
         verdicts.lock().unwrap().insert(g, verdict);
     }
     report.verdicts = Arc::try_unwrap(verdicts).unwrap().into_inner().unwrap();
