@@ -428,7 +428,13 @@ impl Coordinator {
         let t0 = Instant::now();
         let _gate = self.gate.write().await;
         let last = self.last_index.load(Ordering::Acquire);
-        let view = self.membership.lock().unwrap().apply(change, last);
+        let now = self.now_ms();
+        // Re-checked now that no transaction is in flight: the node may have
+        // come back (and got a fresh lease) while the gate drained.
+        let Some(view) = self.membership.lock().unwrap().apply(change, last, now) else {
+            info!(?change, "view change no longer due; skipped");
+            return;
+        };
         if let Err(e) = self.store.set_view(&view) {
             fatal_storage("recording a view change", e);
         }

@@ -181,26 +181,43 @@ impl Membership {
                 node.suspected = true;
             }
         }
-        for (id, node) in &self.nodes {
-            let member = self.view.members.contains(id);
-            if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
-                return Some(ViewChange::Exclude(*id));
-            }
-            if !member
-                && fresh(node.last_sync)
-                && fresh(node.last_ping_ok)
-                && node.in_doubt == 0
-                && node.applied + self.config.join_gap >= last_index
-            {
-                return Some(ViewChange::Admit(*id));
-            }
+        self.nodes.keys().find_map(|id| self.due(*id, now, last_index))
+    }
+
+    /// The view change for `id` that is safe and useful right now, if any.
+    fn due(&self, id: u64, now: u64, last_index: u64) -> Option<ViewChange> {
+        let node = self.nodes.get(&id)?;
+        let fresh = |t: Option<u64>| t.is_some_and(|t| now.saturating_sub(t) <= self.config.detect_ms);
+        let member = self.view.members.contains(&id);
+        if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
+            return Some(ViewChange::Exclude(id));
+        }
+        if !member
+            && fresh(node.last_sync)
+            && fresh(node.last_ping_ok)
+            && node.in_doubt == 0
+            && node.applied + self.config.join_gap >= last_index
+        {
+            return Some(ViewChange::Admit(id));
         }
         None
     }
 
-    /// Records a view change the I/O layer made durable. `last_index` is the
-    /// last commit index at that moment (the join index of an admitted node).
-    pub fn apply(&mut self, change: ViewChange, last_index: u64) -> View {
+    /// Records a view change the I/O layer is about to make durable, if it
+    /// is still due now: between [`Membership::tick`] proposing it and the
+    /// I/O layer holding the write gate, the node may have checked in again
+    /// and, for an exclusion, been granted a fresh lease, which would make
+    /// excluding it unsafe (it would serve reads that miss commits made
+    /// without it). `last_index` is the last commit index at that moment (the
+    /// join index of an admitted node). Returns the new view, or `None` when
+    /// the change is no longer due.
+    pub fn apply(&mut self, change: ViewChange, last_index: u64, now: u64) -> Option<View> {
+        let id = match change {
+            ViewChange::Exclude(id) | ViewChange::Admit(id) => id,
+        };
+        if self.due(id, now, last_index) != Some(change) {
+            return None;
+        }
         self.view.epoch += 1;
         match change {
             ViewChange::Exclude(id) => {
@@ -216,7 +233,7 @@ impl Membership {
                 }
             }
         }
-        self.view.clone()
+        Some(self.view.clone())
     }
 
     /// Milliseconds left on a node's lease as the coordinator counts it.
@@ -257,7 +274,7 @@ mod tests {
             heartbeat_all(&mut m, now, if now > 1000 { &[3] } else { &[] });
             if let Some(change) = m.tick(now, 10) {
                 assert_eq!(change, ViewChange::Exclude(3));
-                m.apply(change, 10);
+                m.apply(change, 10, now).expect("still due");
                 excluded_at = Some(now);
                 break;
             }
@@ -299,19 +316,64 @@ mod tests {
         assert_eq!(m.tick(200, 1000), None, "holds a transaction in doubt");
         m.on_sync(3, 900, 0, 300);
         assert_eq!(m.tick(300, 1000), Some(ViewChange::Admit(3)));
-        m.apply(ViewChange::Admit(3), 1000);
+        m.apply(ViewChange::Admit(3), 1000, 300).expect("still due");
         assert_eq!(m.view().epoch, 4);
         let g = m.on_sync(3, 950, 0, 400);
         assert_eq!((g.member, g.lease_ms, g.min_applied), (true, None, 1000), "no lease before the join index");
         assert_eq!(m.on_sync(3, 1000, 0, 500).lease_ms, Some(2000));
     }
 
+    /// A node that checks in again between the exclusion being proposed and
+    /// being applied (the I/O layer first waits for in-flight transactions)
+    /// may have been granted a fresh lease: excluding it then would let it
+    /// serve reads that miss commits made without it.
+    #[test]
+    fn an_exclusion_is_dropped_if_the_node_came_back_before_it_was_applied() {
+        let mut m = five(0);
+        let mut now = 0;
+        let change = loop {
+            heartbeat_all(&mut m, now, if now > 1000 { &[3] } else { &[] });
+            if let Some(change) = m.tick(now, 10) {
+                break change;
+            }
+            now += 100;
+        };
+        assert_eq!(change, ViewChange::Exclude(3));
+        // Node 3 wakes up (a SIGSTOP ends) while the gate drains: pings and
+        // a check-in arrive, and the check-in gets a lease.
+        now += 50;
+        m.on_ping(3, true, now);
+        let grant = m.on_sync(3, 10, 0, now);
+        assert_eq!(grant.lease_ms, Some(2000));
+        assert_eq!(m.apply(change, 10, now), None, "excluded a node holding a fresh lease");
+        assert!(m.view().members.contains(&3) && m.view().epoch == 1);
+        // Had it stayed silent, the exclusion would have gone through.
+        let mut m = five(0);
+        let mut now = 0;
+        loop {
+            heartbeat_all(&mut m, now, if now > 1000 { &[3] } else { &[] });
+            if let Some(change) = m.tick(now, 10) {
+                assert!(m.apply(change, 10, now + 50).is_some());
+                break;
+            }
+            now += 100;
+        }
+        assert!(!m.view().members.contains(&3));
+    }
+
     #[test]
     fn writes_need_the_minimum_number_of_members() {
         let mut m = five(0);
         assert!(m.check_writable().is_ok());
-        for id in [1, 2, 3] {
-            m.apply(ViewChange::Exclude(id), 0);
+        // Nodes 1, 2 and 3 fall silent; each is excluded in turn.
+        let mut now = 0;
+        while m.view().members.len() > 2 {
+            assert!(now < 10_000, "never excluded");
+            heartbeat_all(&mut m, now, &[1, 2, 3]);
+            if let Some(change) = m.tick(now, 0) {
+                m.apply(change, 0, now).expect("still due");
+            }
+            now += 100;
         }
         let e = m.check_writable().unwrap_err();
         assert!(e.contains("only 2 of 5 replicas") && e.contains("minimum 3"), "{e}");

@@ -146,7 +146,7 @@ async fn client_loop(
     seed: u64,
     clock: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, Op, Option<TxnId>, Option<u64>)> {
+) -> Vec<(usize, Op, Option<TxnId>, Option<u64>, String)> {
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut ops = Vec::new();
     let mut seq = 0u64;
@@ -212,7 +212,7 @@ async fn client_loop(
             (Call::Txn(vec![cond], writes), write_ret(r.map(|_| ())))
         };
         let returned = if ret == Ret::Unknown { u64::MAX } else { now() };
-        ops.push((g, Op { client: id, call, ret, invoked, returned }, txn_id, index));
+        ops.push((g, Op { client: id, call, ret, invoked, returned }, txn_id, index, client.endpoint().to_string()));
     }
     ops
 }
@@ -241,6 +241,7 @@ async fn inject_faults(
     to_coordinator: &[Proxy],
     rng: &mut StdRng,
     kinds: &[FaultKind],
+    clock: Instant,
     until: Instant,
 ) -> Vec<String> {
     let mut log = Vec::new();
@@ -262,6 +263,8 @@ async fn inject_faults(
         } else {
             kinds[rng.gen_range(0..kinds.len())]
         };
+        let at = clock.elapsed().as_millis();
+        let before = log.len();
         match kind {
             FaultKind::KillParticipant => {
                 log.push(format!("kill -9 participant {target} for {} ms", hold.as_millis()));
@@ -296,6 +299,9 @@ async fn inject_faults(
                 to_participant[target - 1].set(Mode::Pass);
                 to_coordinator[target - 1].set(Mode::Pass);
             }
+        }
+        if let Some(last) = log.get_mut(before) {
+            last.push_str(&format!(" (at {at}..{} ms)", clock.elapsed().as_millis()));
         }
     }
     log
@@ -332,7 +338,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
     }
     let until = Instant::now() + cfg.duration;
     let faults = if cfg.faults {
-        inject_faults(&mut cluster, &to_participant, &to_coordinator, &mut rng, &cfg.kinds, until).await
+        inject_faults(&mut cluster, &to_participant, &to_coordinator, &mut rng, &cfg.kinds, clock, until).await
     } else {
         Vec::new()
     };
@@ -357,7 +363,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
     let mut dump: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
     let mut worst_write_ms = 0;
     let mut resolved = 0;
-    for (g, mut op, txn_id, mut index) in recorded {
+    for (g, mut op, txn_id, mut index, endpoint) in recorded {
         let client_ret = op.ret.clone();
         if op.ret == Ret::Unknown {
             let id = txn_id.expect("writes carry their id");
@@ -393,9 +399,10 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
         } else if op.ret == Ret::Committed {
             worst_write_ms = worst_write_ms.max((op.returned - op.invoked) / 1_000_000);
         }
-        dump.entry(g)
-            .or_default()
-            .push((op.invoked, format!("{op:?} txn {txn_id:?} index {index:?} (client saw {client_ret:?})")));
+        dump.entry(g).or_default().push((
+            op.invoked,
+            format!("{op:?} txn {txn_id:?} index {index:?} (client saw {client_ret:?} via {endpoint})"),
+        ));
         history.entry(g).or_default().push(op);
     }
     let all_keys: Vec<Vec<u8>> = (0..cfg.groups).flat_map(|g| (0..3).map(move |k| key(g, k).into_bytes())).collect();
