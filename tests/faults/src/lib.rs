@@ -405,6 +405,11 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
         ));
         history.entry(g).or_default().push(op);
     }
+    if let (Ok(dir), Some(_)) = (std::env::var("TREATY_FAULTS_DUMP"), std::env::var_os("TREATY_FAULTS_DUMP_ALL")) {
+        for i in 0..=cluster.n() {
+            std::fs::write(std::path::Path::new(&dir).join(format!("seed{}-node{i}.log", cfg.seed)), cluster.log(i))?;
+        }
+    }
     let all_keys: Vec<Vec<u8>> = (0..cfg.groups).flat_map(|g| (0..3).map(move |k| key(g, k).into_bytes())).collect();
     cluster.assert_replicas_identical(&all_keys).await;
     for g in 0..cfg.groups {
@@ -447,7 +452,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
             }
         }
         let verdict = tokio::task::spawn_blocking(move || checker::check(&ops, 2_000_000)).await?;
-        if verdict != Verdict::Linearizable {
+        if verdict != Verdict::Linearizable || std::env::var_os("TREATY_FAULTS_DUMP_ALL").is_some() {
             if let Ok(dir) = std::env::var("TREATY_FAULTS_DUMP") {
                 let mut lines = dump.remove(&g).unwrap_or_default();
                 lines.sort();

@@ -6,6 +6,11 @@
 //! cargo run -p treaty-faults --release -- --seeds 2 --faults kill-coordinator,pause-coordinator
 //! cargo run -p treaty-faults --release -- --seeds 2 --each-kind   # a table per fault kind
 //! ```
+//!
+//! `TREATY_FAULTS_DUMP=DIR` writes the history of every key group that fails
+//! the check to `DIR/seedS-groupG.txt` (one operation per line: call, result,
+//! call and return times, transaction id, commit index, endpoint); with
+//! `TREATY_FAULTS_DUMP_ALL=1` it writes every group plus every node's log.
 
 use std::time::Duration;
 
