@@ -137,14 +137,15 @@ test_coordinator_killed_between_phases() {
   # decision is durable, before any participant hears of it.
   TREATY_FAILPOINTS_COORDINATOR="coordinator::after_decision_sync=return" dc up -d coordinator >/dev/null 2>&1
   wait_healthy
-  local out
+  local out id=""
   if out=$(tx 2 put doubt yes 2>&1); then
     # The client looked the transaction up after losing the coordinator and,
     # the restart policy having brought it back, found it committed.
     echo "    client saw (after looking the transaction up): $out"
   else
     # Or the coordinator was still down: the error names the id to look up.
-    grep -q "treaty outcome [0-9a-f]\{32\}" <<<"$out" || fail "the error does not say how to learn the outcome: $out" || return 1
+    id=$(grep -o "treaty outcome [0-9a-f]\{32\}" <<<"$out" | head -1 | cut -d' ' -f3)
+    [ -n "$id" ] || fail "the error does not say how to learn the outcome: $out" || return 1
     echo "    client saw: $out"
   fi
   logs_contain coordinator "failpoint coordinator::after_decision_sync hit" || fail "failpoint not hit" || return 1
@@ -153,6 +154,11 @@ test_coordinator_killed_between_phases() {
   # run the coordinator without the failpoint.
   wait_healthy && converged || return 1
   same_everywhere doubt yes || return 1
+  if [ -n "$id" ]; then
+    out=$(tx 3 outcome "$id" 2>&1) || fail "treaty outcome $id: $out" || return 1
+    grep -q "^committed at index" <<<"$out" || fail "treaty outcome $id: $out" || return 1
+    echo "    treaty outcome afterwards: $out"
+  fi
   dc up -d coordinator >/dev/null 2>&1
   wait_healthy && converged && same_everywhere doubt yes
 }
