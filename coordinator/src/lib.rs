@@ -280,8 +280,12 @@ impl Coordinator {
                     error!(yes, reason = %reason, "BUG: replicas voted differently on a condition");
                 }
                 if failures.is_empty() {
-                    if let Err(e) = self.store.record_abort(txn.id, &reason) {
-                        warn!(error = %e, "could not record the abort");
+                    // Durable before the answer, like a commit: a resubmission
+                    // of this id must get the same answer even after a crash,
+                    // not a fresh evaluation that might commit.
+                    match self.store.record_abort(txn.id, &reason) {
+                        Ok(()) => self.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing an abort", e)),
+                        Err(e) => warn!(error = %e, "could not record the abort"),
                     }
                     return Err(Error::ConditionFailed(reason));
                 }

@@ -166,3 +166,27 @@ async fn kill_nodes_under_load_loses_no_acknowledged_write() {
         assert!(v.is_some());
     }
 }
+
+/// A failed condition is a final answer for that transaction id, even if
+/// the coordinator is killed right after giving it: a resubmission after the
+/// restart gets the same answer, not a fresh evaluation that could commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_condition_survives_a_coordinator_kill() {
+    let mut c = Cluster::start(N).await;
+    let client = c.client();
+    client.put(b"base", b"0").await.unwrap();
+    let txn = Txn::new(
+        vec![Condition::ValueEquals(b"base".to_vec(), b"1".to_vec())],
+        vec![Write::Put(b"t/a".to_vec(), b"A".to_vec())],
+    );
+    let first = client.commit(txn.clone()).await.unwrap_err();
+    assert!(matches!(first, Error::ConditionFailed(_)), "{first}");
+    c.kill(0);
+    c.spawn(0, &[]);
+    c.wait_ready(Duration::from_secs(20)).await;
+    // Now the condition would hold; the same id must still be refused.
+    client.put(b"base", b"1").await.unwrap();
+    assert_eq!(client.commit(txn).await.unwrap_err(), first, "re-evaluated after the crash");
+    c.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(c.assert_replicas_identical(&keys()).await[1], None, "t/a was written");
+}
