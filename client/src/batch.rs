@@ -170,7 +170,12 @@ fn check(path: &std::path::Path, name: &str, atomic: bool) -> Result<usize, Stri
         commands += 1;
         let at = |msg: &str| format!("{name}:{no}:1: {msg}");
         match &cmd {
-            Command::Status | Command::Timing(_) | Command::Help(_) | Command::Exit | Command::Show => {
+            Command::Status
+            | Command::Outcome(_)
+            | Command::Timing(_)
+            | Command::Help(_)
+            | Command::Exit
+            | Command::Show => {
                 return Err(at(&format!(
                     "`{}` is for the interactive shell and cannot appear in a batch file",
                     cmd.name()

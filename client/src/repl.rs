@@ -174,6 +174,14 @@ impl Shell<'_> {
                 }
                 Err(e) => self.say_error(&e),
             },
+            Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
+                Ok(treaty_common::rpc::Outcome::Committed(index)) => {
+                    println!("{}", self.style.ok(&format!("committed at index {index}")))
+                }
+                Ok(treaty_common::rpc::Outcome::Aborted) => println!("not committed (it has not taken effect)"),
+                Ok(treaty_common::rpc::Outcome::Pending) => println!("still running: ask again shortly"),
+                Err(e) => self.say_error(&e),
+            },
             Command::Begin => {
                 if self.txn.is_some() {
                     println!("{}", self.style.err("error: a transaction is already open: commit or abort it first"));

@@ -7,7 +7,7 @@
 //! command   := 'get' KEY | 'put' KEY VALUE | 'del' KEY | 'cas' KEY VALUE VALUE
 //!            | 'if' KEY ('=' VALUE | 'version' N | 'exists' | 'missing')
 //!            | 'begin' | 'commit' | 'abort' | 'show'
-//!            | 'status' | 'timing' ('on'|'off') | 'help' WORD? | 'exit' | 'quit'
+//!            | 'status' | 'outcome' TXN_ID | 'timing' ('on'|'off') | 'help' WORD? | 'exit' | 'quit'
 //! KEY/VALUE := bare | quoted | hex
 //! bare      := any characters but whitespace, '"' and '#'
 //! quoted    := '"' (char | '\n' | '\t' | '\r' | '\0' | '\\' | '\"' | '\xNN')* '"'
@@ -20,7 +20,7 @@
 use std::fmt;
 
 use treaty_common::types::{check_key, check_value};
-use treaty_common::Condition;
+use treaty_common::{Condition, TxnId};
 
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub enum Command {
     Abort,
     Show,
     Status,
+    /// What became of a transaction (shell only).
+    Outcome(TxnId),
     Timing(bool),
     Help(Option<String>),
     Exit,
@@ -54,6 +56,7 @@ impl Command {
             Command::Abort => "abort",
             Command::Show => "show",
             Command::Status => "status",
+            Command::Outcome(_) => "outcome",
             Command::Timing(_) => "timing",
             Command::Help(_) => "help",
             Command::Exit => "exit",
@@ -201,6 +204,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("abort", "abort", "abort"),
     ("show", "show", "show"),
     ("status", "status", "status"),
+    ("outcome", "outcome TXN_ID", "outcome 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
     ("timing", "timing on|off", "timing on"),
     ("help", "help [COMMAND]", "help if"),
     ("exit", "exit", "exit"),
@@ -306,6 +310,11 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
                 _ => Command::Exit,
             }
         }
+        "outcome" => {
+            arity(1)?;
+            let id = String::from_utf8_lossy(&args[0].bytes);
+            Command::Outcome(id.parse().map_err(|e: String| ParseError { column: args[0].column, message: e })?)
+        }
         "timing" => {
             arity(1)?;
             match args[0].bytes.as_slice() {
@@ -323,7 +332,7 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         _ => {
             return err(
                 first.column,
-                format!("unknown command `{name}`; commands: get put del cas if begin commit abort show status timing help exit"),
+                format!("unknown command `{name}`; commands: get put del cas if begin commit abort show status outcome timing help exit"),
             )
         }
     };
@@ -377,6 +386,16 @@ mod tests {
         assert_eq!(p("cas c 1 2"), Command::Cas(b"c".to_vec(), b"1".to_vec(), b"2".to_vec()));
         assert_eq!(parse_line("   # only a comment").unwrap(), None);
         assert_eq!(parse_line("").unwrap(), None);
+    }
+
+    #[test]
+    fn outcome_takes_a_transaction_id() {
+        let id = "3f2a9c0d5e6b7a8190a1b2c3d4e5f607";
+        assert_eq!(p(&format!("outcome {id}")), Command::Outcome(id.parse().unwrap()));
+        let bad = e("outcome 12ab");
+        assert_eq!(bad.column, 9);
+        assert!(bad.message.contains("is not a transaction id"), "{}", bad.message);
+        assert!(e("outcome").message.contains("usage: outcome TXN_ID"));
     }
 
     #[test]

@@ -69,6 +69,8 @@ async fn completion_history_and_the_transaction_flow() {
         s.exp_string("unknown command `frob`").unwrap();
         s.send_line("help if").unwrap();
         s.exp_string("example: if balance/alice = 100").unwrap();
+        s.send_line(&format!("outcome {}", "0".repeat(32))).unwrap();
+        s.exp_string("not committed").unwrap();
         s.send_line("put hist 1").unwrap();
         s.exp_string("OK (commit index 4)").unwrap();
         s.send_control('d').unwrap();
