@@ -245,17 +245,13 @@ fn main() {
                         2
                     }
                     Ok(id) => match rt.block_on(client.outcome(id)) {
-                        Ok(Outcome::Committed(index)) => {
-                            println!("committed at index {index}");
-                            0
-                        }
-                        Ok(Outcome::Aborted) => {
-                            println!("not committed (it has not taken effect)");
-                            1
-                        }
-                        Ok(Outcome::Pending) => {
-                            println!("still running: ask again shortly");
-                            1
+                        Ok(o) => {
+                            println!("{o}");
+                            if matches!(o, Outcome::Committed(_)) {
+                                0
+                            } else {
+                                1
+                            }
                         }
                         Err(e) => fail(e),
                     },

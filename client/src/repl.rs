@@ -175,11 +175,8 @@ impl Shell<'_> {
                 Err(e) => self.say_error(&e),
             },
             Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
-                Ok(treaty_common::rpc::Outcome::Committed(index)) => {
-                    println!("{}", self.style.ok(&format!("committed at index {index}")))
-                }
-                Ok(treaty_common::rpc::Outcome::Aborted) => println!("not committed (it has not taken effect)"),
-                Ok(treaty_common::rpc::Outcome::Pending) => println!("still running: ask again shortly"),
+                Ok(o @ crate::Outcome::Committed(_)) => println!("{}", self.style.ok(&o.to_string())),
+                Ok(o) => println!("{o}"),
                 Err(e) => self.say_error(&e),
             },
             Command::Begin => {

@@ -70,6 +70,16 @@ pub enum Outcome {
     Pending,
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Committed(index) => write!(f, "committed at index {index}"),
+            Outcome::Aborted => f.write_str("not committed (it has not taken effect)"),
+            Outcome::Pending => f.write_str("still running: ask again shortly"),
+        }
+    }
+}
+
 /// One committed transaction as kept in the coordinator's decision log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {

@@ -152,7 +152,7 @@ impl Membership {
         node.last_sync = Some(now);
         node.applied = applied;
         node.in_doubt = in_doubt;
-        if node.suspected && node.last_ping_ok.is_some_and(|t| now.saturating_sub(t) <= detect) {
+        if node.suspected && fresh(node.last_ping_ok, now, detect) {
             node.suspected = false;
         }
         let lease = member && !node.suspected && applied >= node.join_index;
@@ -175,9 +175,10 @@ impl Membership {
     /// that are now safe and useful, at most one per call.
     pub fn tick(&mut self, now: u64, last_index: u64) -> Option<ViewChange> {
         let detect = self.config.detect_ms;
-        let fresh = |t: Option<u64>| t.is_some_and(|t| now.saturating_sub(t) <= detect);
         for (id, node) in self.nodes.iter_mut() {
-            if self.view.members.contains(id) && !(fresh(node.last_sync) && fresh(node.last_ping_ok)) {
+            if self.view.members.contains(id)
+                && !(fresh(node.last_sync, now, detect) && fresh(node.last_ping_ok, now, detect))
+            {
                 node.suspected = true;
             }
         }
@@ -187,14 +188,14 @@ impl Membership {
     /// The view change for `id` that is safe and useful right now, if any.
     fn due(&self, id: u64, now: u64, last_index: u64) -> Option<ViewChange> {
         let node = self.nodes.get(&id)?;
-        let fresh = |t: Option<u64>| t.is_some_and(|t| now.saturating_sub(t) <= self.config.detect_ms);
+        let detect = self.config.detect_ms;
         let member = self.view.members.contains(&id);
         if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
             return Some(ViewChange::Exclude(id));
         }
         if !member
-            && fresh(node.last_sync)
-            && fresh(node.last_ping_ok)
+            && fresh(node.last_sync, now, detect)
+            && fresh(node.last_ping_ok, now, detect)
             && node.in_doubt == 0
             && node.applied + self.config.join_gap >= last_index
         {
@@ -244,6 +245,11 @@ impl Membership {
     pub fn is_suspected(&self, id: u64) -> bool {
         self.nodes.get(&id).is_some_and(|n| n.suspected)
     }
+}
+
+/// Heard from within the detection time.
+fn fresh(t: Option<u64>, now: u64, detect: u64) -> bool {
+    t.is_some_and(|t| now.saturating_sub(t) <= detect)
 }
 
 #[cfg(test)]

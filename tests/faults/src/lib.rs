@@ -171,45 +171,41 @@ async fn client_loop(
                 // A failed read had no effect: nothing to record.
                 Err(_) => continue,
             }
-        } else if roll < 65 {
-            let txn = Txn::new(vec![], vec![Write::Put(k.clone().into_bytes(), value.clone().into_bytes())]);
-            txn_id = Some(txn.id);
-            let r = client.commit(txn).await;
-            index = r.as_ref().ok().map(|c| c.index);
-            (Call::Put(k, value), write_ret(r.map(|_| ())))
-        } else if roll < 70 {
-            let txn = Txn::new(vec![], vec![Write::Delete(k.clone().into_bytes())]);
-            txn_id = Some(txn.id);
-            let r = client.commit(txn).await;
-            index = r.as_ref().ok().map(|c| c.index);
-            (Call::Del(k), write_ret(r.map(|_| ())))
         } else {
-            let other = key(g, rng.gen_range(0..3));
-            let cond = match last_seen.get(&k).cloned().flatten() {
-                Some(v) if rng.gen_bool(0.8) => Cond::Equals(k.clone(), v),
-                _ => Cond::Missing(k.clone()),
+            let (call, txn) = if roll < 65 {
+                let txn = Txn::new(vec![], vec![Write::Put(k.clone().into_bytes(), value.clone().into_bytes())]);
+                (Call::Put(k, value), txn)
+            } else if roll < 70 {
+                (Call::Del(k.clone()), Txn::new(vec![], vec![Write::Delete(k.into_bytes())]))
+            } else {
+                let other = key(g, rng.gen_range(0..3));
+                let cond = match last_seen.get(&k).cloned().flatten() {
+                    Some(v) if rng.gen_bool(0.8) => Cond::Equals(k.clone(), v),
+                    _ => Cond::Missing(k.clone()),
+                };
+                let mut writes = vec![(k.clone(), Some(value.clone()))];
+                if other != k {
+                    writes.push((other.clone(), if rng.gen_bool(0.8) { Some(format!("{value}b")) } else { None }));
+                }
+                let txn = Txn::new(
+                    vec![match &cond {
+                        Cond::Equals(k, v) => Condition::ValueEquals(k.clone().into_bytes(), v.clone().into_bytes()),
+                        Cond::Missing(k) => Condition::Missing(k.clone().into_bytes()),
+                    }],
+                    writes
+                        .iter()
+                        .map(|(k, v)| match v {
+                            Some(v) => Write::Put(k.clone().into_bytes(), v.clone().into_bytes()),
+                            None => Write::Delete(k.clone().into_bytes()),
+                        })
+                        .collect(),
+                );
+                (Call::Txn(vec![cond], writes), txn)
             };
-            let mut writes = vec![(k.clone(), Some(value.clone()))];
-            if other != k {
-                writes.push((other.clone(), if rng.gen_bool(0.8) { Some(format!("{value}b")) } else { None }));
-            }
-            let txn = Txn::new(
-                vec![match &cond {
-                    Cond::Equals(k, v) => Condition::ValueEquals(k.clone().into_bytes(), v.clone().into_bytes()),
-                    Cond::Missing(k) => Condition::Missing(k.clone().into_bytes()),
-                }],
-                writes
-                    .iter()
-                    .map(|(k, v)| match v {
-                        Some(v) => Write::Put(k.clone().into_bytes(), v.clone().into_bytes()),
-                        None => Write::Delete(k.clone().into_bytes()),
-                    })
-                    .collect(),
-            );
             txn_id = Some(txn.id);
             let r = client.commit(txn).await;
             index = r.as_ref().ok().map(|c| c.index);
-            (Call::Txn(vec![cond], writes), write_ret(r.map(|_| ())))
+            (call, write_ret(r.map(|_| ())))
         };
         let returned = if ret == Ret::Unknown { u64::MAX } else { now() };
         ops.push((g, Op { client: id, call, ret, invoked, returned }, txn_id, index, client.endpoint().to_string()));
