@@ -81,6 +81,7 @@ case "$cmd" in
     wait_healthy
     echo "Treaty is up. Participants on 127.0.0.1:${TREATY_PORT_1:-7001}..${TREATY_PORT_5:-7005}, coordinator on 127.0.0.1:${TREATY_PORT_0:-7000}."
     echo "Shell: docker/cluster.sh repl    Status: docker/cluster.sh status    Stop: docker/cluster.sh down"
+    echo "From the host: target/$target/release/treaty put greeting hello"
     ;;
   wait) wait_healthy ;;
   down) dc down "$@" ;;

@@ -95,24 +95,37 @@ impl Client {
         F: Fn(ParticipantServiceClient) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Result<T>, tarpc::client::RpcError>>,
     {
+        self.with_failover_sent(f).await.0
+    }
+
+    /// Like [`Client::with_failover`], and also whether the request may have
+    /// reached any endpoint (`false`: none could even be connected to).
+    async fn with_failover_sent<T, F, Fut>(&self, f: F) -> (Result<T>, bool)
+    where
+        F: Fn(ParticipantServiceClient) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Result<T>, tarpc::client::RpcError>>,
+    {
         let n = self.peers.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last_err = None;
+        let mut sent_any = false;
         for i in 0..n {
             let idx = (start + i) % n;
-            match self.peers[idx].call_raw(&f).await {
+            let (r, sent) = self.peers[idx].call_raw_sent(&f).await;
+            sent_any |= sent;
+            match r {
                 Ok(Ok(v)) => {
                     self.current.store(idx, Ordering::Relaxed);
-                    return Ok(v);
+                    return (Ok(v), true);
                 }
                 Ok(Err(e @ Error::NotReady(_))) | Err(e) => last_err = Some(e),
                 Ok(Err(e)) => {
                     self.current.store(idx, Ordering::Relaxed);
-                    return Err(e);
+                    return (Err(e), true);
                 }
             }
         }
-        Err(last_err.expect("at least one endpoint"))
+        (Err(last_err.expect("at least one endpoint")), sent_any)
     }
 
     /// Reads a key linearizably. `Ok(None)` means the key does not exist.
@@ -159,18 +172,22 @@ impl Client {
         txn.validate()?;
         let timeout = self.timeout;
         let mut attempt = 0;
+        let mut sent_any = false;
         loop {
-            let r = self
-                .with_failover(|c| {
+            let (r, sent) = self
+                .with_failover_sent(|c| {
                     let txn = txn.clone();
                     async move { c.submit(rpc::deadline(timeout), txn).await }
                 })
                 .await;
+            sent_any |= sent;
             match r {
                 Err(Error::Conflict(_)) | Err(Error::InDoubt(_)) if attempt < self.retries => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
                 }
+                // No endpoint could even be connected to: nothing was sent.
+                Err(e @ Error::Unavailable(_)) if !sent_any => return Err(e),
                 Err(e @ (Error::Unavailable(_) | Error::InDoubt(_))) => return self.settle(txn.id, e).await,
                 other => return other,
             }

@@ -297,23 +297,38 @@ impl<C: Connect> Peer<C> {
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<R, RpcError>>,
     {
+        self.call_raw_sent(f).await.0
+    }
+
+    /// Like [`Peer::call_raw`], and also whether the request may have reached
+    /// the peer (`false`: no connection could be opened, nothing was sent).
+    pub async fn call_raw_sent<R, F, Fut>(&self, f: F) -> (Result<R>, bool)
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<R, RpcError>>,
+    {
         let mut retried = false;
         loop {
-            let c = self.client().await?;
+            let c = match self.client().await {
+                Ok(c) => c,
+                Err(e) => return (Err(e), retried),
+            };
             let result = match tokio::time::timeout(self.max_call, f(c)).await {
                 Ok(r) => r,
                 Err(_) => {
                     *self.slot.lock().await = None;
-                    return Err(rpc_error(&self.name, RpcError::DeadlineExceeded));
+                    return (Err(rpc_error(&self.name, RpcError::DeadlineExceeded)), true);
                 }
             };
             match result {
-                Ok(r) => return Ok(r),
-                Err(RpcError::DeadlineExceeded) => return Err(rpc_error(&self.name, RpcError::DeadlineExceeded)),
+                Ok(r) => return (Ok(r), true),
+                Err(RpcError::DeadlineExceeded) => {
+                    return (Err(rpc_error(&self.name, RpcError::DeadlineExceeded)), true)
+                }
                 Err(e) => {
                     *self.slot.lock().await = None;
                     if retried {
-                        return Err(rpc_error(&self.name, e));
+                        return (Err(rpc_error(&self.name, e)), true);
                     }
                     retried = true;
                 }

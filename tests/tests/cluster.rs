@@ -345,7 +345,9 @@ async fn the_cli_reports_outcomes_with_exit_codes() {
     assert_eq!(text.matches(" up ").count(), 4, "{text}");
     let out = treaty(&["--endpoints", "127.0.0.1:1", "put", "a", "b"]);
     assert_eq!(out.status.code(), Some(3), "unreachable cluster");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unavailable: endpoint 127.0.0.1:1 unreachable"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unavailable: endpoint 127.0.0.1:1 unreachable"), "{err}");
+    assert!(!err.contains("may or may not have committed"), "nothing was sent, so nothing is in doubt: {err}");
 }
 
 /// A commit decision is written before it is synced; until the sync, no
