@@ -8,6 +8,14 @@
 #   docker/cluster.sh repl     the treaty shell inside the cluster's network
 #   docker/cluster.sh status   `treaty status` inside the network
 #   docker/cluster.sh build    only build the binaries and the image
+#   docker/cluster.sh cli ARGS the host CLI with this cluster's endpoints and credentials
+#   docker/cluster.sh backup DIR   copy the coordinator's data (stopped for the copy) and the certificates
+#   docker/cluster.sh restore DIR  put a backup's coordinator data back (refused by the cluster if it is old)
+#
+# Security: every connection is TLS with the cluster's own CA. `up` creates the
+# certificates once, in docker/certs/<project> (mounted read-only at /certs in
+# every container), and registers them for the published host endpoints, so
+# the host CLI finds them without flags.
 #
 # Environment: TREATY_PROJECT (compose project name, default "treaty"),
 # TREATY_PORT_0..5 (host ports), TREATY_UP_TIMEOUT (seconds, default 90).
@@ -27,6 +35,22 @@ else
   exit 1
 fi
 dc() { "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" "$@"; }
+export TREATY_CERTS_DIR="${TREATY_CERTS_DIR:-$here/certs/$project}"
+host_cli="$root/target/$target/release/treaty"
+host_endpoints() {
+  local eps="" i
+  for i in 1 2 3 4 5; do
+    local var="TREATY_PORT_$i"
+    eps="$eps,127.0.0.1:${!var:-700$i}"
+  done
+  echo "${eps#,}"
+}
+ensure_certs() {
+  if [ ! -f "$TREATY_CERTS_DIR/ca.pem" ]; then
+    echo "==> creating the cluster's CA and certificates in $TREATY_CERTS_DIR"
+    "$host_cli" certs create "$TREATY_CERTS_DIR" --participants 5 >/dev/null
+  fi
+}
 
 build() {
   echo "==> building static release binaries"
@@ -76,22 +100,57 @@ case "$cmd" in
   build) build ;;
   up)
     build
+    ensure_certs
     echo "==> starting project $project"
     dc up -d --remove-orphans "$@"
     wait_healthy
+    "$host_cli" --endpoints "$(host_endpoints),127.0.0.1:${TREATY_PORT_0:-7000}" certs register "$TREATY_CERTS_DIR"
     echo "Treaty is up. Participants on 127.0.0.1:${TREATY_PORT_1:-7001}..${TREATY_PORT_5:-7005}, coordinator on 127.0.0.1:${TREATY_PORT_0:-7000}."
+    echo "Security: TLS with the cluster's own CA; certificates in $TREATY_CERTS_DIR"
     echo "Shell: docker/cluster.sh repl    Status: docker/cluster.sh status    Stop: docker/cluster.sh down"
-    echo "From the host: target/$target/release/treaty put greeting hello"
+    echo "From the host: target/$target/release/treaty put greeting hello   (or: docker/cluster.sh cli put greeting hello)"
     ;;
   wait) wait_healthy ;;
   down) dc down "$@" ;;
-  destroy) dc down -v "$@" ;;
+  destroy)
+    dc down -v "$@"
+    if [ -x "$host_cli" ] && [ -d "$TREATY_CERTS_DIR" ]; then
+      "$host_cli" --endpoints "$(host_endpoints),127.0.0.1:${TREATY_PORT_0:-7000}" certs unregister "$TREATY_CERTS_DIR" || true
+    fi
+    rm -rf "$TREATY_CERTS_DIR"
+    ;;
+  cli) "$host_cli" --certs "$TREATY_CERTS_DIR" --endpoints "$(host_endpoints)" "$@" ;;
+  backup)
+    dest="${1:?usage: docker/cluster.sh backup DIR}"
+    [ ! -e "$dest" ] || { echo "cluster.sh: $dest exists; pick a new directory" >&2; exit 2; }
+    mkdir -p "$dest"
+    echo "==> stopping the coordinator for a consistent copy (writes pause, reads go on)"
+    dc stop coordinator >/dev/null
+    docker cp "$(dc ps -q coordinator)":/data "$dest/coordinator-data"
+    cp -r "$TREATY_CERTS_DIR" "$dest/certs"
+    dc start coordinator >/dev/null
+    wait_healthy
+    echo "backed up the coordinator's data and the certificates to $dest"
+    ;;
+  restore)
+    src="${1:?usage: docker/cluster.sh restore DIR}"
+    [ -d "$src/coordinator-data" ] || { echo "cluster.sh: $src holds no coordinator-data (made by backup)" >&2; exit 2; }
+    echo "==> replacing the coordinator's data with $src"
+    dc stop coordinator >/dev/null
+    dc rm -f coordinator >/dev/null
+    docker volume rm "${project}_coordinator-data" >/dev/null
+    dc up --no-start coordinator >/dev/null 2>&1
+    docker cp "$src/coordinator-data/." "$(dc ps -q coordinator)":/data
+    dc start coordinator >/dev/null
+    echo "restored. If the participants have seen commits this copy does not hold, the coordinator refuses"
+    echo "writes and says so (treaty status): nothing is lost; restore a newer copy."
+    ;;
   logs) dc logs -f "$@" ;;
   repl) dc run --rm client repl ;;
   status) dc run --rm -T client status ;;
   compose) dc "$@" ;;
   *)
-    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|build|wait|compose ARGS" >&2
+    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|backup|restore|build|wait|compose ARGS" >&2
     exit 2
     ;;
 esac

@@ -92,6 +92,10 @@ run_test() {
   local name=$1
   project="treatytest-${name//_/-}-$$"
   echo "=== $name (project $project)"
+  # Each project is its own cluster with its own CA, as cluster.sh up makes.
+  scratch=$(mktemp -d)
+  export TREATY_CERTS_DIR="$scratch/certs" TREATY_CERTS="$scratch/certs"
+  "$treaty" certs create "$TREATY_CERTS_DIR" --participants 5 >/dev/null
   dc up -d >/dev/null 2>&1
   local start=$SECONDS ok=1
   if wait_healthy && "test_$name"; then
@@ -104,6 +108,7 @@ run_test() {
     ok=0
   fi
   dc down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -rf "$scratch"
   return 0
 }
 
@@ -113,8 +118,65 @@ test_write_one_read_all() {
   for i in 1 2 3 4 5; do
     [ "$(tx "$i" get color)" = blue ] || fail "linearizable read on $i" || return 1
   done
-  # And from the host, through the published ports.
-  [ "$("$treaty" --endpoints "$(host_endpoints)" get color)" = blue ] || fail "host read"
+  # And from the host, through the published ports, with the credentials.
+  [ "$("$treaty" --endpoints "$(host_endpoints)" get color)" = blue ] || fail "host read" || return 1
+  # As the README says: once registered (cluster.sh up does it), no flags.
+  local home="$scratch/home"
+  TREATY_HOME="$home" "$treaty" --endpoints "$(host_endpoints)" certs register "$TREATY_CERTS_DIR"
+  [ "$(env -u TREATY_CERTS TREATY_HOME="$home" "$treaty" --endpoints "$(host_endpoints)" get color)" = blue ] ||
+    fail "host read through the registered credentials"
+}
+
+test_strangers_are_refused() {
+  local net out code other
+  net="${project}_treaty"
+  tx 1 put color blue >/dev/null
+  # A container on the cluster's network without credentials.
+  out=$(docker run --rm --network "$net" treaty:latest --endpoints participant-1:7001 get color 2>&1) && code=0 || code=$?
+  [ "$code" -eq 2 ] && grep -q "no client credentials" <<<"$out" || fail "no credentials: code $code: $out" || return 1
+  # ... that insists on plaintext.
+  out=$(docker run --rm --network "$net" treaty:latest --insecure --endpoints participant-1:7001 put color red 2>&1) && code=0 || code=$?
+  [ "$code" -eq 3 ] && grep -q "requires TLS" <<<"$out" || fail "plaintext: code $code: $out" || return 1
+  # ... or brings certificates from another cluster's CA.
+  other="$scratch/other"
+  "$treaty" certs create "$other" --participants 5 >/dev/null
+  out=$(docker run --rm --network "$net" -v "$other:/certs:ro" -e TREATY_CERTS=/certs treaty:latest \
+    --endpoints participant-1:7001 put color red 2>&1) && code=0 || code=$?
+  [ "$code" -eq 3 ] && grep -q "another CA" <<<"$out" || fail "foreign CA: code $code: $out" || return 1
+  # ... even posing as participant 3 with a certificate of its own CA.
+  out=$(docker run --rm --network "$net" -v "$other:/certs:ro" -e TREATY_CERTS=/certs -e TREATY_ID=3 \
+    -e TREATY_DATA_DIR=/tmp/d -e TREATY_LISTEN=0.0.0.0:7003 -e TREATY_COORDINATOR=coordinator:7000 \
+    --entrypoint /usr/local/bin/treaty-participant treaty:latest 2>&1) && code=0 || code=$?
+  [ "$code" -ne 0 ] && grep -q "another CA" <<<"$out" || fail "foreign participant: code $code: $out" || return 1
+  echo "    e.g. $(tail -1 <<<"$out")"
+  same_everywhere color blue
+}
+
+test_backup_and_restore() {
+  local out
+  tx 1 put a 1 >/dev/null
+  TREATY_PROJECT="$project" "$here/cluster.sh" backup "$scratch/b1" >/dev/null || fail "backup 1" || return 1
+  for i in 2 3 4; do tx 1 put a "$i" >/dev/null; done
+  TREATY_PROJECT="$project" "$here/cluster.sh" backup "$scratch/b2" >/dev/null || fail "backup 2" || return 1
+  # The old copy: refused, nothing lost.
+  TREATY_PROJECT="$project" "$here/cluster.sh" restore "$scratch/b1" >/dev/null || fail "restore 1" || return 1
+  local deadline=$((SECONDS + 30))
+  until out=$(tx 1 put a 5 2>&1; true) && grep -q "fenced" <<<"$out"; do
+    grep -q "^OK" <<<"$out" && { fail "the old coordinator copy accepted a write: $out"; return 1; }
+    [ $SECONDS -lt $deadline ] || { fail "not fenced: $out"; return 1; }
+    sleep 1
+  done
+  echo "    old copy: $(cut -c1-160 <<<"$out")..."
+  same_everywhere a 4 || return 1
+  # The newest copy: writes go on where they were.
+  TREATY_PROJECT="$project" "$here/cluster.sh" restore "$scratch/b2" >/dev/null || fail "restore 2" || return 1
+  wait_healthy || return 1
+  deadline=$((SECONDS + 30))
+  until tx 1 put a 5 >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { fail "writes did not resume after restoring the newest copy"; return 1; }
+    sleep 1
+  done
+  converged && same_everywhere a 5
 }
 
 test_kill_participant_mid_batch() {
@@ -216,16 +278,19 @@ test_bad_configuration_exits_with_a_message() {
   img=treaty:latest
   # Wrong coordinator address: a replica that never joined gives up.
   local out code
-  out=$(docker run --rm --network "$net" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
+  local certs=(-v "$TREATY_CERTS_DIR:/certs:ro" -e TREATY_CERTS=/certs)
+  # Participant 9 gets a valid certificate: the cluster itself must refuse it.
+  "$treaty" certs issue "$TREATY_CERTS_DIR" participant 9 >/dev/null
+  out=$(docker run --rm --network "$net" "${certs[@]}" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
     -e TREATY_COORDINATOR=no-such-coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
   [ "$code" -ne 0 ] && grep -q "check --coordinator (TREATY_COORDINATOR)" <<<"$out" || fail "wrong coordinator: code $code: $out" || return 1
   # An id that does not exist in the cluster.
-  out=$(docker run --rm --network "$net" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
+  out=$(docker run --rm --network "$net" "${certs[@]}" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
     -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
   [ "$code" -ne 0 ] && grep -q "there is no participant 9" <<<"$out" || fail "bad id: code $code: $out" || return 1
   # Duplicate ids: participant-2 restarted claiming id 1 against its own volume.
   dc stop participant-2 >/dev/null 2>&1
-  out=$(docker run --rm --network "$net" -v "${project}_participant-2-data:/data" -e TREATY_ID=1 -e TREATY_DATA_DIR=/data \
+  out=$(docker run --rm --network "$net" "${certs[@]}" -v "${project}_participant-2-data:/data" -e TREATY_ID=1 -e TREATY_DATA_DIR=/data \
     -e TREATY_LISTEN=0.0.0.0:7002 -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
   [ "$code" -ne 0 ] && grep -q "belongs to participant 2" <<<"$out" || fail "duplicate id: code $code: $out" || return 1
   echo "    e.g. $(tail -1 <<<"$out")"
@@ -233,8 +298,9 @@ test_bad_configuration_exits_with_a_message() {
   wait_healthy && converged
 }
 
-all=(write_one_read_all kill_participant_mid_batch coordinator_killed_between_phases network_disconnect
-  restart_and_down_up_keep_data wiped_participant_reseeds bad_configuration_exits_with_a_message)
+all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
+  network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
+  bad_configuration_exits_with_a_message)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

@@ -288,6 +288,16 @@ fn describe(cmd: &Command) -> String {
     }
 }
 
+/// Puts bytes into a JSON object losslessly: valid UTF-8 as the string
+/// `field`, anything else base64-encoded as `field_base64`.
+fn json_bytes(obj: &mut serde_json::Value, field: &str, bytes: &[u8]) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => obj[field] = json!(text),
+        Err(_) => obj[format!("{field}_base64")] = json!(base64::engine::general_purpose::STANDARD.encode(bytes)),
+    }
+}
+
 fn report(out: &mut impl std::io::Write, o: &Outcome, json_mode: bool, tally: &mut Tally) {
     let reads: std::collections::HashMap<usize, &Option<treaty_common::Versioned>> =
         o.reads.iter().map(|(n, v)| (*n, v)).collect();
@@ -321,7 +331,7 @@ fn report(out: &mut impl std::io::Write, o: &Outcome, json_mode: bool, tally: &m
         for l in &o.unit.lines {
             let mut obj = json!({"line": l.no, "command": l.cmd.name(), "status": status});
             if let Command::Get(k) | Command::Put(k, _) | Command::Del(k) | Command::Cas(k, _, _) = &l.cmd {
-                obj["key"] = json!(String::from_utf8_lossy(k));
+                json_bytes(&mut obj, "key", k);
             }
             if let Command::If(c) = &l.cmd {
                 obj["condition"] = json!(c.to_string());
@@ -330,7 +340,7 @@ fn report(out: &mut impl std::io::Write, o: &Outcome, json_mode: bool, tally: &m
                 match v {
                     Some(v) => {
                         obj["found"] = json!(true);
-                        obj["value"] = json!(String::from_utf8_lossy(&v.value));
+                        json_bytes(&mut obj, "value", &v.value);
                         obj["version"] = json!(v.version);
                     }
                     None => obj["found"] = json!(false),

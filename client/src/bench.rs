@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::{Rng, RngCore, SeedableRng};
 
-use crate::{Client, Txn, Write};
+use crate::{Client, Security, Txn, Write};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -55,7 +55,7 @@ fn key(i: u64) -> Vec<u8> {
     format!("{i:016}").into_bytes()
 }
 
-pub async fn run(endpoints: Vec<String>, args: BenchArgs) -> i32 {
+pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) -> i32 {
     if args.clients == 0 || args.ops == 0 || args.key_space < 4 {
         eprintln!("error: --clients and --ops must be at least 1 and --key-space at least 4");
         return 2;
@@ -65,7 +65,7 @@ pub async fn run(endpoints: Vec<String>, args: BenchArgs) -> i32 {
         .map(|i| {
             let mut eps = endpoints.clone();
             eps.rotate_left(i % endpoints.len());
-            Arc::new(Client::new(eps))
+            Arc::new(Client::new(eps, security.clone()))
         })
         .collect();
     if args.workload == Workload::Get {
@@ -161,13 +161,15 @@ pub async fn run(endpoints: Vec<String>, args: BenchArgs) -> i32 {
             serde_json::json!({
                 "workload": name, "clients": args.clients, "connections": conns, "value_size": args.value_size,
                 "ops": ok, "errors": errs, "seconds": elapsed, "ops_per_sec": ops_per_sec,
+                "tls": !security.is_insecure(),
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
             })
         );
     } else {
         println!(
-            "{name}: {ok} ok, {errs} errors in {elapsed:.2} s = {ops_per_sec:.0} ops/s  latency p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms  (clients {}, connections {conns}, value {} B)",
-            ms(0.5), ms(0.99), ms(0.999), hist.max() as f64 / 1000.0, args.clients, args.value_size
+            "{name}: {ok} ok, {errs} errors in {elapsed:.2} s = {ops_per_sec:.0} ops/s  latency p50 {:.2} ms  p99 {:.2} ms  p999 {:.2} ms  max {:.2} ms  (clients {}, connections {conns}, value {} B, {})",
+            ms(0.5), ms(0.99), ms(0.999), hist.max() as f64 / 1000.0, args.clients, args.value_size,
+            if security.is_insecure() { "insecure" } else { "TLS" }
         );
     }
     if let Some(e) = first_error.lock().unwrap().take() {

@@ -1,12 +1,17 @@
 //! `treaty demo`: a local cluster of real processes (one coordinator, N
 //! participants) on loopback, then the REPL. Ctrl-D / `exit` (or Ctrl-C with
 //! `--no-repl`) stops the nodes with SIGTERM so they shut down cleanly.
+//!
+//! Security is on: the first start creates the cluster's CA and certificates
+//! in `<data-dir>/certs` and registers that directory for the cluster's
+//! endpoints (see [`crate::credentials`]), so `treaty` commands from another
+//! terminal find their client certificate. `--insecure` runs plaintext.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::Client;
+use crate::{credentials, Client, Identity, Security};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -22,6 +27,23 @@ pub struct DemoArgs {
     /// Do not open the REPL: print the endpoints and run until Ctrl-C.
     #[arg(long)]
     pub no_repl: bool,
+    /// Run the nodes without TLS or authentication (to measure the difference).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// The demo's certificates directory, created (or completed with missing
+/// participant certificates) on first use.
+fn ensure_certs(dir: &std::path::Path, participants: u64) -> Result<(), String> {
+    if !dir.join(treaty_common::tls::CA_CERT).exists() {
+        return treaty_common::tls::create(dir, participants).map_err(|e| e.to_string());
+    }
+    for id in 1..=participants {
+        if !dir.join(format!("participant-{id}.pem")).exists() {
+            treaty_common::tls::issue(dir, &Identity::Participant(id)).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 struct Node {
@@ -87,6 +109,16 @@ pub fn run(args: DemoArgs) -> i32 {
         eprintln!("error: cannot create {}: {e}", logs.display());
         return 2;
     }
+    let certs = args.data_dir.join("certs");
+    let security_args: Vec<String> = if args.insecure {
+        vec!["--insecure".into()]
+    } else {
+        if let Err(e) = ensure_certs(&certs, args.participants as u64) {
+            eprintln!("error: cannot set up the demo's certificates in {}: {e}", certs.display());
+            return 2;
+        }
+        vec!["--certs".into(), certs.display().to_string()]
+    };
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let participant_addrs: Vec<String> = ports[1..].iter().map(|p| addr(*p)).collect();
     let mut nodes = Vec::new();
@@ -98,7 +130,10 @@ pub fn run(args: DemoArgs) -> i32 {
         args.data_dir.join("coordinator").display().to_string(),
         "--participants".into(),
         participant_addrs.join(","),
-    ];
+    ]
+    .into_iter()
+    .chain(security_args.iter().cloned())
+    .collect::<Vec<String>>();
     let mut spawn_all = || -> std::io::Result<()> {
         nodes.push(spawn("coordinator", &coord_args, logs.join("coordinator.log"))?);
         for (i, a) in participant_addrs.iter().enumerate() {
@@ -113,7 +148,10 @@ pub fn run(args: DemoArgs) -> i32 {
                 args.data_dir.join(format!("participant-{id}")).display().to_string(),
                 "--coordinator".into(),
                 addr(ports[0]),
-            ];
+            ]
+            .into_iter()
+            .chain(security_args.iter().cloned())
+            .collect::<Vec<String>>();
             nodes.push(spawn(&format!("participant {id}"), &pargs, logs.join(format!("participant-{id}.log")))?);
         }
         Ok(())
@@ -124,7 +162,23 @@ pub fn run(args: DemoArgs) -> i32 {
         return 3;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let client = Client::new(participant_addrs.clone());
+    let security = if args.insecure {
+        Security::Insecure
+    } else {
+        match Security::tls(&certs, Identity::Client(treaty_common::tls::DEFAULT_CLIENT.into())) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                stop(&mut nodes);
+                return 2;
+            }
+        }
+    };
+    let all_addrs: Vec<String> = ports.iter().map(|p| addr(*p)).collect();
+    if !args.insecure {
+        credentials::register(&all_addrs, &certs);
+    }
+    let client = Client::new(participant_addrs.clone(), security);
     let ready = rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -142,6 +196,9 @@ pub fn run(args: DemoArgs) -> i32 {
     if ready.is_err() {
         eprintln!("error: the cluster did not become ready within 20 s; see the logs in {}", logs.display());
         stop(&mut nodes);
+        if !args.insecure {
+            credentials::unregister(&all_addrs, &certs);
+        }
         return 3;
     }
     println!("Treaty demo cluster is up (data in {}, logs in {}):", args.data_dir.display(), logs.display());
@@ -149,7 +206,20 @@ pub fn run(args: DemoArgs) -> i32 {
     for (i, a) in participant_addrs.iter().enumerate() {
         println!("  {:<14} {a}", format!("participant {}", i + 1));
     }
-    println!("From another terminal:  treaty --endpoints {} put hello world", participant_addrs.join(","));
+    let default_endpoints = args.port == 7000 && args.participants == 5;
+    let endpoints_flag =
+        if default_endpoints { String::new() } else { format!("--endpoints {} ", participant_addrs.join(",")) };
+    if args.insecure {
+        println!("Security: OFF (--insecure): no TLS, no authentication.");
+        println!("From another terminal:  treaty --insecure {endpoints_flag}put hello world");
+    } else {
+        println!("Security: TLS 1.3 with the cluster's own CA; certificates in {}", certs.display());
+        println!("From another terminal:  treaty {endpoints_flag}put hello world");
+        println!(
+            "  (the CLI finds the client certificate by these endpoints; elsewhere pass --certs {})",
+            certs.display()
+        );
+    }
     let code = if args.no_repl || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         println!("Press Ctrl-C to stop the cluster.");
         rt.block_on(treaty_common::shutdown_signal());
@@ -159,6 +229,9 @@ pub fn run(args: DemoArgs) -> i32 {
     };
     println!("stopping the cluster...");
     stop(&mut nodes);
+    if !args.insecure {
+        credentials::unregister(&all_addrs, &certs);
+    }
     println!("stopped.");
     code
 }

@@ -2,8 +2,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> treaty_client::Result<()> {
-//! use treaty_client::{Client, Condition};
-//! let client = Client::new(vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into()]);
+//! use treaty_client::{Client, Condition, Identity, Security};
+//! let security = Security::tls("treaty-demo-data/certs".as_ref(), Identity::Client("admin".into()))
+//!     .expect("the cluster's client certificate");
+//! let client = Client::new(vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into()], security);
 //! client.put(b"balance/alice", b"100").await?;
 //! let committed = client
 //!     .txn()
@@ -16,8 +18,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The client talks to participants (any of them: each serves reads locally
-//! and forwards writes to the coordinator). If an endpoint is unreachable or
+//! Every connection is TLS 1.3 with a client certificate from the cluster's
+//! CA ([`Security::tls`]); [`Security::Insecure`] only reaches clusters
+//! started with `--insecure`.
+//!
+//! The client reads from participants (any of them: each serves reads
+//! locally). Writes go straight to the coordinator, whose address the client
+//! learns from a participant; where that address cannot be reached (a
+//! container's internal name seen from the host), writes go through a
+//! participant, which forwards them. If an endpoint is unreachable or
 //! still catching up, the next one is tried. A transaction keeps its id across
 //! retries, so a retry after a timeout never applies twice. A write that
 //! fails in a way that leaves its fate open (the coordinator lost between the
@@ -29,11 +38,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use treaty_common::rpc::Outcome;
-use treaty_common::rpc::{self, ClusterStatus, NodeStatus, ParticipantServiceClient, Peer};
+use treaty_common::rpc::{self, ClusterStatus, CoordinatorServiceClient, NodeStatus, ParticipantServiceClient, Peer};
+pub use treaty_common::tls::{Expect, Identity, Security};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
 
 pub mod batch;
 pub mod bench;
+pub mod credentials;
 pub mod demo;
 pub mod repl;
 pub mod script;
@@ -51,24 +62,38 @@ pub enum ReadMode {
 /// A connection to a Treaty cluster through a list of participant endpoints.
 pub struct Client {
     peers: Vec<Peer<ParticipantServiceClient>>,
+    /// The coordinator, once learned (see the module docs).
+    direct: std::sync::Mutex<Direct>,
+    security: Security,
     current: AtomicUsize,
     timeout: Duration,
     retries: usize,
 }
 
 impl Client {
-    /// A client for these participant endpoints (`host:port`). Connects lazily.
-    pub fn new(endpoints: Vec<String>) -> Self {
+    /// A client for these participant endpoints (`host:port`), connecting
+    /// with `security` (lazily, on first use).
+    pub fn new(endpoints: Vec<String>, security: Security) -> Self {
         assert!(!endpoints.is_empty(), "at least one endpoint");
         Client {
             peers: endpoints
                 .into_iter()
-                .map(|e| Peer::new(format!("endpoint {e}"), e).with_max_call(Duration::from_secs(21)))
+                .map(|e| {
+                    Peer::new(format!("endpoint {e}"), e, security.clone(), Expect::AnyNode)
+                        .with_max_call(Duration::from_secs(21))
+                })
                 .collect(),
+            direct: std::sync::Mutex::new(Direct::Unknown),
+            security,
             current: AtomicUsize::new(0),
             timeout: Duration::from_secs(20),
             retries: 3,
         }
+    }
+
+    /// How this client connects.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// Sets the per-request deadline (default 20 s).
@@ -166,20 +191,63 @@ impl Client {
         TxnBuilder { client: self, txn: Txn::new(vec![], vec![]) }
     }
 
-    /// Submits a transaction. Retryable failures (conflicts, a briefly
-    /// unreachable node) are retried a few times under the same id.
-    pub async fn commit(&self, txn: Txn) -> Result<Committed> {
-        txn.validate()?;
+    /// The coordinator to submit to directly, learning its address from a
+    /// participant the first time; `None` while it is known to be
+    /// unreachable from here (asked again after [`DIRECT_RETRY`]).
+    async fn coordinator(&self) -> Option<std::sync::Arc<Peer<CoordinatorServiceClient>>> {
+        match &*self.direct.lock().unwrap() {
+            Direct::Known(p) => return Some(p.clone()),
+            Direct::Unusable(since) if since.elapsed() < DIRECT_RETRY => return None,
+            _ => {}
+        }
+        let timeout = self.timeout.min(Duration::from_secs(2));
+        let addr = self
+            .with_failover(|c| async move { c.coordinator_addr(rpc::deadline(timeout)).await.map(Ok) })
+            .await
+            .ok()?;
+        let peer = std::sync::Arc::new(
+            Peer::new(format!("coordinator at {addr}"), addr, self.security.clone(), Expect::Coordinator)
+                .with_max_call(self.timeout + Duration::from_secs(1)),
+        );
+        *self.direct.lock().unwrap() = Direct::Known(peer.clone());
+        Some(peer)
+    }
+
+    /// Submits once: to the coordinator directly, or through a participant
+    /// if the coordinator cannot be reached from here. Also says whether
+    /// the request may have reached anyone.
+    async fn submit_once(&self, txn: &Txn) -> (Result<Committed>, bool) {
         let timeout = self.timeout;
-        let mut attempt = 0;
-        let mut sent_any = false;
-        loop {
-            let (r, sent) = self
-                .with_failover_sent(|c| {
+        if let Some(coordinator) = self.coordinator().await {
+            let (r, sent) = coordinator
+                .call_raw_sent(|c: CoordinatorServiceClient| {
                     let txn = txn.clone();
                     async move { c.submit(rpc::deadline(timeout), txn).await }
                 })
                 .await;
+            match r {
+                Ok(answer) => return (answer, true),
+                Err(e) if sent => return (Err(e), true),
+                // Not reachable from here: go through a participant (which
+                // may reach it, or says that it cannot).
+                Err(_) => *self.direct.lock().unwrap() = Direct::Unusable(std::time::Instant::now()),
+            }
+        }
+        self.with_failover_sent(|c| {
+            let txn = txn.clone();
+            async move { c.submit(rpc::deadline(timeout), txn).await }
+        })
+        .await
+    }
+
+    /// Submits a transaction. Retryable failures (conflicts, a briefly
+    /// unreachable node) are retried a few times under the same id.
+    pub async fn commit(&self, txn: Txn) -> Result<Committed> {
+        txn.validate()?;
+        let mut attempt = 0;
+        let mut sent_any = false;
+        loop {
+            let (r, sent) = self.submit_once(&txn).await;
             sent_any |= sent;
             match r {
                 Err(Error::Conflict(_)) | Err(Error::InDoubt(_)) if attempt < self.retries => {
@@ -187,7 +255,11 @@ impl Client {
                     tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
                 }
                 // No endpoint could even be connected to: nothing was sent.
-                Err(e @ Error::Unavailable(_)) if !sent_any => return Err(e),
+                Err(Error::Unavailable(why)) if !sent_any => {
+                    return Err(Error::NotCommitted(format!(
+                        "{why}; the write reached no endpoint, so it did not commit: retrying is safe"
+                    )))
+                }
                 Err(e @ (Error::Unavailable(_) | Error::InDoubt(_))) => return self.settle(txn.id, e).await,
                 other => return other,
             }
@@ -240,6 +312,18 @@ impl Client {
         });
         futures::future::join_all(futs).await
     }
+}
+
+/// How long a coordinator address that could not be reached is left alone
+/// before the client tries it again (writes go through participants meanwhile).
+pub const DIRECT_RETRY: Duration = Duration::from_secs(10);
+
+/// Whether writes can go to the coordinator directly.
+enum Direct {
+    Unknown,
+    Known(std::sync::Arc<Peer<CoordinatorServiceClient>>),
+    /// Could not be reached, as of then.
+    Unusable(std::time::Instant),
 }
 
 /// Builds a transaction: conditions first, then writes.

@@ -4,8 +4,11 @@
 //! Exit status: 0 success; 1 a transaction aborted or failed; 2 bad input;
 //! 3 cluster unavailable; 4 `get` of a missing key.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
-use treaty_client::{bench, demo, repl, Client, Error, Outcome, ReadMode};
+use treaty_client::{bench, credentials, demo, repl, Client, Error, Outcome, ReadMode, Security};
+use treaty_common::tls::Identity;
 use treaty_common::types::escape;
 
 const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
@@ -17,6 +20,14 @@ struct Cli {
     /// Participant endpoints to talk to, comma-separated (fails over in order).
     #[arg(long, env = "TREATY_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ENDPOINTS, global = true)]
     endpoints: Vec<String>,
+    /// Directory with the cluster's `ca.pem` and the client certificate
+    /// (`client-admin.pem`, `client-admin.key`). Without it, the directory
+    /// `treaty demo` or `docker/cluster.sh up` registered for the endpoints.
+    #[arg(long, env = "TREATY_CERTS", value_name = "DIR", global = true)]
+    certs: Option<PathBuf>,
+    /// Connect without TLS (only to a cluster started with --insecure).
+    #[arg(long, env = "TREATY_INSECURE", global = true, conflicts_with = "certs")]
+    insecure: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -33,8 +44,17 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
-    /// Set a key.
-    Put { key: String, value: String },
+    /// Set a key. The value is the argument, or with `-` standard input,
+    /// or with `--file F` a file's contents (bytes as they are, up to 1 MiB).
+    Put {
+        key: String,
+        /// The value; `-` reads it from standard input.
+        #[arg(required_unless_present = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long, conflicts_with = "value")]
+        file: Option<PathBuf>,
+    },
     /// Delete a key.
     Del { key: String },
     /// Set KEY to NEW only if it currently holds EXPECTED.
@@ -64,16 +84,42 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput and latency (etcd benchmark workload shape).
     Bench(bench::BenchArgs),
-    #[command(hide = true)]
-    Coordinator(treaty_coordinator::cli::Args),
-    #[command(hide = true)]
-    Participant(treaty_participant::cli::Args),
+    /// Make the cluster's CA and certificates (see docs/security.md).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsAction {
+    /// Create a new cluster CA in DIR with certificates for the coordinator,
+    /// participants 1..=N and the client `admin`.
+    Create {
+        dir: PathBuf,
+        /// Number of participants to make certificates for.
+        #[arg(long, default_value_t = 5)]
+        participants: u64,
+    },
+    /// Let the CLI find DIR's client certificate for the given --endpoints
+    /// (what `treaty demo` and `docker/cluster.sh up` do; see docs/cli.md).
+    Register { dir: PathBuf },
+    /// Forget the registration of DIR for the given --endpoints.
+    Unregister { dir: PathBuf },
+    /// Issue one more certificate from the CA in DIR: `participant 6` or `client NAME`.
+    Issue {
+        dir: PathBuf,
+        #[arg(value_parser = ["participant", "client"])]
+        kind: String,
+        /// The participant id, or the client name (a-z, 0-9, -).
+        name: String,
+    },
 }
 
 fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::Invalid(_) => 2,
-        Error::Unavailable(_) | Error::NotReady(_) => 3,
+        Error::Invalid(_) | Error::Denied(_) => 2,
+        Error::Unavailable(_) | Error::NotReady(_) | Error::Fenced(_) | Error::NotCommitted(_) => 3,
         _ => 1,
     }
 }
@@ -96,6 +142,9 @@ fn print_status(client: &Client, rt: &tokio::runtime::Runtime) -> i32 {
                     s.min_replicas,
                     if s.coordinator.ready { "" } else { "  WRITES REFUSED: too few members" }
                 );
+                if let Some(why) = &s.coordinator.fenced {
+                    println!("COORDINATOR: {why}");
+                }
                 println!(
                     "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  NOTE",
                     "NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE"
@@ -181,22 +230,120 @@ fn print_status(client: &Client, rt: &tokio::runtime::Runtime) -> i32 {
     })
 }
 
+fn certs(action: CertsAction, endpoints: &[String]) -> i32 {
+    match action {
+        CertsAction::Register { dir } => {
+            if let Err(e) =
+                treaty_common::tls::Tls::load(&dir, Identity::Client(treaty_common::tls::DEFAULT_CLIENT.into()))
+            {
+                eprintln!("error: {e}");
+                return 2;
+            }
+            credentials::register(endpoints, &dir);
+            0
+        }
+        CertsAction::Unregister { dir } => {
+            credentials::unregister(endpoints, &dir);
+            0
+        }
+        CertsAction::Create { dir, participants } => match treaty_common::tls::create(&dir, participants) {
+            Ok(()) => {
+                println!(
+                    "created a cluster CA and certificates for the coordinator, participants 1..={participants} and \
+                     client admin in {}",
+                    dir.display()
+                );
+                println!(
+                    "keep ca.key offline once every certificate is issued; give each node ca.pem and its own \
+                     .pem/.key (see docs/security.md)"
+                );
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        },
+        CertsAction::Issue { dir, kind, name } => {
+            let identity = match kind.as_str() {
+                "participant" => match name.parse::<u64>() {
+                    Ok(id) if id > 0 => Identity::Participant(id),
+                    _ => {
+                        eprintln!("error: {name:?} is not a participant id (1, 2, ...)");
+                        return 2;
+                    }
+                },
+                _ if treaty_common::tls::valid_client_name(&name) => Identity::Client(name),
+                _ => {
+                    eprintln!("error: {name:?} is not a client name: use 1 to 63 of a-z, 0-9 and -");
+                    return 2;
+                }
+            };
+            match treaty_common::tls::issue(&dir, &identity) {
+                Ok(path) => {
+                    println!("issued {}", path.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    2
+                }
+            }
+        }
+    }
+}
+
+/// Reads the value of `put` from the argument, standard input or a file.
+fn put_value(value: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let limit = treaty_common::types::MAX_VALUE_LEN as u64;
+    let mut buf = Vec::new();
+    let (read, what) = match (value, file) {
+        (Some(v), None) if v != "-" => return Ok(v.into_bytes()),
+        (_, Some(path)) => {
+            let f = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            (f.take(limit + 1).read_to_end(&mut buf), path.display().to_string())
+        }
+        _ => (std::io::stdin().lock().take(limit + 1).read_to_end(&mut buf), "standard input".to_string()),
+    };
+    read.map_err(|e| format!("cannot read {what}: {e}"))?;
+    if buf.len() as u64 > limit {
+        return Err(format!(
+            "the value in {what} is over the 1 MiB limit: store large objects elsewhere and keep a reference"
+        ));
+    }
+    Ok(buf)
+}
+
 fn main() {
+    // `treaty demo` re-executes this binary as its nodes.
+    let mut argv = std::env::args();
+    match argv.nth(1).as_deref() {
+        Some("coordinator") | Some("participant") => {
+            let role = std::env::args().nth(1).unwrap();
+            let rest: Vec<String> = std::env::args().skip(2).collect();
+            treaty_common::init_tracing();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let code = if role == "coordinator" {
+                let args =
+                    treaty_coordinator::cli::Args::parse_from(std::iter::once("treaty-coordinator".into()).chain(rest));
+                rt.block_on(treaty_coordinator::cli::main_with(args))
+            } else {
+                let args =
+                    treaty_participant::cli::Args::parse_from(std::iter::once("treaty-participant".into()).chain(rest));
+                rt.block_on(treaty_participant::cli::main_with(args))
+            };
+            std::process::exit(code);
+        }
+        _ => {}
+    }
     let cli = Cli::parse();
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let security = || credentials::client_security(cli.certs.as_deref(), cli.insecure, &cli.endpoints);
+    let client = || security().map(|s| Client::new(cli.endpoints.clone(), s));
     let code = match cli.command {
-        Some(Command::Coordinator(args)) => {
-            treaty_common::init_tracing();
-            runtime().block_on(treaty_coordinator::cli::main_with(args))
-        }
-        Some(Command::Participant(args)) => {
-            treaty_common::init_tracing();
-            runtime().block_on(treaty_participant::cli::main_with(args))
-        }
         Some(Command::Demo(args)) => demo::run(args),
-        Some(Command::Run(args)) => runtime().block_on(treaty_client::batch::run(Client::new(cli.endpoints), args)),
-        Some(Command::Health { addr, coordinator }) => runtime().block_on(health(&addr, coordinator)),
-        Some(Command::Bench(args)) => runtime().block_on(bench::run(cli.endpoints, args)),
+        Some(Command::Certs { action }) => certs(action, &cli.endpoints),
         None if !std::io::IsTerminal::is_terminal(&std::io::stdin()) => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();
@@ -205,13 +352,39 @@ fn main() {
             );
             2
         }
-        Some(Command::Repl) | None => {
-            let rt = runtime();
-            repl::run(Client::new(cli.endpoints), &rt)
-        }
+        Some(cmd) => match security() {
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+            Ok(security) => run_command(Some(cmd), &cli.endpoints, security, runtime),
+        },
+        None => match client() {
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+            Ok(client) => repl::run(client, &runtime()),
+        },
+    };
+    std::process::exit(code);
+}
+
+fn run_command(
+    cmd: Option<Command>,
+    endpoints: &[String],
+    security: Security,
+    runtime: impl Fn() -> tokio::runtime::Runtime,
+) -> i32 {
+    let client = || Client::new(endpoints.to_vec(), security.clone());
+    match cmd {
+        Some(Command::Run(args)) => runtime().block_on(treaty_client::batch::run(client(), args)),
+        Some(Command::Health { addr, coordinator }) => runtime().block_on(health(&addr, coordinator, &security)),
+        Some(Command::Bench(args)) => runtime().block_on(bench::run(endpoints.to_vec(), security.clone(), args)),
+        Some(Command::Repl) | None => repl::run(client(), &runtime()),
         Some(cmd) => {
             let rt = runtime();
-            let client = Client::new(cli.endpoints);
+            let client = client();
             match cmd {
                 Command::Get { key, stale, verbose } => {
                     let mode = if stale { ReadMode::Stale } else { ReadMode::Linearizable };
@@ -233,7 +406,13 @@ fn main() {
                         Err(e) => fail(e),
                     }
                 }
-                Command::Put { key, value } => report(rt.block_on(client.put(key.as_bytes(), value.as_bytes()))),
+                Command::Put { key, value, file } => match put_value(value, file) {
+                    Ok(value) => report(rt.block_on(client.put(key.as_bytes(), &value))),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        2
+                    }
+                },
                 Command::Del { key } => report(rt.block_on(client.delete(key.as_bytes()))),
                 Command::Cas { key, expected, new } => {
                     report(rt.block_on(client.cas(key.as_bytes(), Some(expected.as_bytes()), new.as_bytes())))
@@ -259,8 +438,7 @@ fn main() {
                 _ => unreachable!("handled above"),
             }
         }
-    };
-    std::process::exit(code);
+    }
 }
 
 fn report(r: treaty_client::Result<treaty_client::Committed>) -> i32 {
@@ -273,22 +451,31 @@ fn report(r: treaty_client::Result<treaty_client::Committed>) -> i32 {
     }
 }
 
-async fn health(addr: &str, coordinator: bool) -> i32 {
+async fn health(addr: &str, coordinator: bool, security: &Security) -> i32 {
     use std::time::Duration;
-    use treaty_common::rpc;
+    use treaty_common::net::RpcClient as _;
+    use treaty_common::rpc::{self, CoordinatorServiceClient, ParticipantServiceClient};
+    use treaty_common::tls::Expect;
     let timeout = Duration::from_secs(2);
-    let status = if coordinator {
-        match rpc::connect_coordinator(addr, timeout).await {
-            Ok(c) => c.node_status(rpc::deadline(timeout)).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+    let expect = if coordinator { Expect::Coordinator } else { Expect::AnyNode };
+    let status = match treaty_common::net::connect(addr, security, &expect, timeout).await {
+        Err(e) => Err(e.to_string()),
+        Ok(io) if coordinator => {
+            let (c, dispatch) = CoordinatorServiceClient::start(io);
+            tokio::spawn(dispatch);
+            c.node_status(rpc::deadline(timeout)).await.map_err(|e| e.to_string())
         }
-    } else {
-        match rpc::connect_participant(addr, timeout).await {
-            Ok(c) => c.node_status(rpc::deadline(timeout)).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        Ok(io) => {
+            let (c, dispatch) = ParticipantServiceClient::start(io);
+            tokio::spawn(dispatch);
+            c.node_status(rpc::deadline(timeout)).await.map_err(|e| e.to_string())
         }
     };
     match status {
+        Ok(s) if s.fenced.is_some() && coordinator => {
+            println!("not ready: coordinator at {addr}: {}", s.fenced.unwrap_or_default());
+            1
+        }
         Ok(s) if s.ready => {
             println!("ok: {} {} at {} applied {}", s.role, s.id, addr, s.applied_index);
             0

@@ -3,9 +3,11 @@
 //! Variants are split by what the caller should do. Retryable outcomes
 //! ([`Error::Unavailable`], [`Error::Conflict`], [`Error::NotReady`],
 //! [`Error::InDoubt`]) can be retried with the same transaction id, which is
-//! always safe. [`Error::ConditionFailed`] is a final outcome of a transaction.
-//! [`Error::Invalid`] is the caller's mistake. [`Error::Storage`] and
-//! [`Error::Identity`] need an operator.
+//! always safe; [`Error::NotCommitted`] says for certain that nothing was
+//! committed. [`Error::ConditionFailed`] is a final outcome of a transaction.
+//! [`Error::Invalid`] and [`Error::Denied`] are the caller's mistake.
+//! [`Error::Storage`], [`Error::Identity`] and [`Error::Fenced`] need an
+//! operator.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,12 +38,32 @@ pub enum Error {
     /// Local storage failed.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The caller's identity may not do this (a client calling a node-only
+    /// RPC, a participant speaking for another id).
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// The coordinator's log is behind what the participants have seen (its
+    /// data dir was restored from an old copy or damaged): it refuses to
+    /// decide anything until an operator restores its newest data.
+    #[error("coordinator fenced: {0}")]
+    Fenced(String),
+    /// The write provably never reached the coordinator: nothing was
+    /// committed, and retrying (same or new id) is safe.
+    #[error("not committed: {0}")]
+    NotCommitted(String),
 }
 
 impl Error {
     /// Whether resubmitting the same request (same transaction id) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Conflict(_) | Error::NotReady(_) | Error::InDoubt(_))
+        matches!(
+            self,
+            Error::Unavailable(_)
+                | Error::Conflict(_)
+                | Error::NotReady(_)
+                | Error::InDoubt(_)
+                | Error::NotCommitted(_)
+        )
     }
 }
 

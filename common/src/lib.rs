@@ -4,15 +4,20 @@
 //! * [`error`]: the one error type every RPC and the client API return.
 //! * [`protocol`]: the 2PC state machines, pure (no I/O).
 //! * [`storage`]: sled-backed data, WAL, decision log, durable group sync.
-//! * [`rpc`]: tarpc services, messages, TCP plumbing.
+//! * [`rpc`]: tarpc services and their messages.
+//! * [`net`]: connections: TLS, framing, limits, the self-healing [`net::Peer`].
+//! * [`tls`]: the cluster CA, identities, certificates.
 //!
 //! The binaries (`treaty-coordinator`, `treaty-participant`, `treaty`) are thin
 //! layers of I/O around these.
 
+pub mod cli;
 pub mod error;
+pub mod net;
 pub mod protocol;
 pub mod rpc;
 pub mod storage;
+pub mod tls;
 pub mod types;
 
 pub use error::{Error, Result};
@@ -65,11 +70,15 @@ pub async fn start_server(program: &str, listen: &str) -> Result<tokio::net::Tcp
     })
 }
 
-/// Sets up tracing to stderr, filtered by `RUST_LOG` (default `info`).
+/// Sets up tracing to stderr, filtered by `RUST_LOG` (default `info,tarpc=error`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        // tarpc warns about every peer that disconnects without a TLS
+        // close_notify, which clients do routinely: keep its errors only.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=error"));
+    // Colour codes only on a terminal: log files and `docker logs` stay plain.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` and `treaty demo` send).

@@ -11,7 +11,9 @@
 //! (group commit).
 //!
 //! ## Participant layout (trees of one sled db)
-//! * `meta`: `node_id`, `cluster` (u64 big-endian), `applied_index` (u64).
+//! * `meta`: `node_id`, `replica` (random, made with the directory),
+//!   `cluster`, `applied_index`, `seen_index` (u64 big-endian), and
+//!   `coordinator` (bincode [`Incarnation`] this replica follows).
 //! * `data`: key -> 8-byte big-endian version ++ value bytes.
 //! * `wal`: 16-byte txn id -> bincode [`PreparedRecord`]: transactions prepared
 //!   here (YES voted or about to be) and not yet applied or aborted.
@@ -21,7 +23,12 @@
 //! either before or after the whole transaction.
 //!
 //! ## Coordinator layout
-//! * `meta`: `cluster`, `participants` (bincode list of addresses).
+//! * `treaty-coordinator.id` (a plain file beside sled's): the cluster id and
+//!   participant list, written once when the cluster is created. A data dir
+//!   whose database has lost them while this file remains is damaged, and
+//!   the coordinator refuses to start rather than found a new cluster there.
+//! * `meta`: `cluster`, `participants` (bincode list of addresses), `view`,
+//!   `history` (bincode map generation -> nonce of every incarnation).
 //! * `log`: u64 big-endian commit index -> bincode [`LogEntry`]: every
 //!   committed transaction with its writes (catch-up source for replicas).
 //! * `decisions`: txn id -> bincode [`Decision`]: first outcome of every
@@ -29,7 +36,7 @@
 //!   their log entry in one sled transaction and synced before anyone hears
 //!   of them; abort decisions ride along unsynced (presumed abort).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,7 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::protocol::{ApplyEntry, PreparedRecord};
-use crate::rpc::{ClusterId, LogEntry};
+use crate::rpc::{ClusterId, Incarnation, LogEntry};
 use crate::types::{TxnId, Versioned, Write};
 
 fn open_db(dir: &Path) -> Result<sled::Db> {
@@ -99,6 +106,10 @@ impl Durability {
         Ok(Durability { db, dir: dir.to_path_buf(), db_file, synced_blobs: HashSet::new() })
     }
 
+    /// Flushes sled and fdatasyncs its files. Running out of file
+    /// descriptors (`EMFILE`) while opening a blob file is waited out for a
+    /// while rather than treated as a storage failure: connections are
+    /// capped below the limit, so descriptors come back.
     pub fn sync(&mut self) -> Result<()> {
         self.db.flush()?;
         self.db_file.sync_data()?;
@@ -110,7 +121,7 @@ impl Durability {
                 let name = entry.file_name();
                 if !self.synced_blobs.contains(&name) {
                     // A blob sled already deleted is no longer needed.
-                    if let Ok(f) = File::open(entry.path()) {
+                    if let Ok(f) = open_retrying(&entry.path()) {
                         f.sync_data()?;
                         new_blob = true;
                     }
@@ -120,9 +131,23 @@ impl Durability {
             self.synced_blobs = present;
         }
         if new_blob {
-            File::open(&blobs)?.sync_all()?;
+            open_retrying(&blobs)?.sync_all()?;
         }
         Ok(())
+    }
+}
+
+/// Opens a file, waiting up to 2 s while the process is out of descriptors.
+fn open_retrying(path: &Path) -> std::io::Result<File> {
+    let mut tries = 0;
+    loop {
+        match File::open(path) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -198,6 +223,9 @@ impl ReplicaStore {
                 dir.display()
             )));
         }
+        if u64_at(&meta, "replica")?.is_none() {
+            meta.insert("replica", &(rand::random::<u64>() | 1).to_be_bytes())?;
+        }
         match u64_at(&meta, "node_id")? {
             Some(id) if id != node_id => {
                 return Err(Error::Identity(format!(
@@ -219,8 +247,41 @@ impl ReplicaStore {
         Durability::new(self.db.clone(), &self.dir)
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn cluster(&self) -> Result<Option<ClusterId>> {
         Ok(u64_at(&self.meta, "cluster")?.map(ClusterId))
+    }
+
+    /// This data directory's random id, made when it was created.
+    pub fn replica_id(&self) -> Result<u64> {
+        Ok(u64_at(&self.meta, "replica")?.expect("set on open"))
+    }
+
+    /// The coordinator incarnation this replica follows, if any.
+    pub fn following(&self) -> Result<Option<Incarnation>> {
+        self.meta.get("coordinator")?.map(|v| decode(&v, "coordinator incarnation")).transpose()
+    }
+
+    /// Records the coordinator incarnation this replica now follows. Flushed
+    /// at once; made durable by the next sync (every WAL sync comes later).
+    pub fn set_following(&self, inc: Incarnation) -> Result<()> {
+        self.meta.insert("coordinator", encode(&inc))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The highest commit index known to be decided (see `SyncRequest::seen_index`).
+    pub fn seen_index(&self) -> Result<u64> {
+        Ok(u64_at(&self.meta, "seen_index")?.unwrap_or(0))
+    }
+
+    /// Raises the seen index (written now, durable with the next sync).
+    pub fn set_seen_index(&self, index: u64) -> Result<()> {
+        self.meta.insert("seen_index", &index.to_be_bytes())?;
+        Ok(())
     }
 
     /// Records the cluster this replica joined (durably: it is written once).
@@ -243,16 +304,24 @@ impl ReplicaStore {
         self.wal.iter().values().map(|v| decode(&v?, "WAL")).collect()
     }
 
-    /// Appends a PREPARED record. Not durable until a sync.
-    pub fn log_prepared(&self, rec: &PreparedRecord) -> Result<()> {
-        self.wal.insert(rec.txn_id.0.to_be_bytes(), encode(rec))?;
+    /// Appends PREPARED records (one sled batch). Not durable until a sync.
+    pub fn log_prepared(&self, records: &[PreparedRecord]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for rec in records {
+            batch.insert(&rec.txn_id.0.to_be_bytes(), encode(rec));
+        }
+        self.wal.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Drops an aborted transaction's record. Needs no sync: a record that
+    /// Drops aborted transactions' records. Needs no sync: a record that
     /// reappears after a crash is in doubt and the coordinator says "abort".
-    pub fn forget_prepared(&self, txn_id: TxnId) -> Result<()> {
-        self.wal.remove(txn_id.0.to_be_bytes())?;
+    pub fn forget_prepared(&self, txns: &[TxnId]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for t in txns {
+            batch.remove(&t.0.to_be_bytes());
+        }
+        self.wal.apply_batch(batch)?;
         Ok(())
     }
 
@@ -289,6 +358,39 @@ impl ReplicaStore {
     }
 }
 
+/// The coordinator's identity file (see the module docs).
+pub const COORDINATOR_ID_FILE: &str = "treaty-coordinator.id";
+
+fn write_id_file(dir: &Path, cluster: ClusterId, participants: &[String]) -> Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(COORDINATOR_ID_FILE);
+    let text = format!(
+        "# Treaty coordinator identity: written once when the cluster was created. Do not edit or delete.\n\
+         cluster {cluster}\nparticipants {}\n",
+        participants.join(",")
+    );
+    let tmp = dir.join(format!("{COORDINATOR_ID_FILE}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn parse_id_file(text: &str) -> Option<(ClusterId, Vec<String>)> {
+    let mut cluster = None;
+    let mut participants = None;
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix("cluster ") {
+            cluster = Some(ClusterId(u64::from_str_radix(c.trim(), 16).ok()?));
+        } else if let Some(p) = line.strip_prefix("participants ") {
+            participants = Some(p.trim().split(',').map(str::to_string).collect());
+        }
+    }
+    Some((cluster?, participants?))
+}
+
 /// The first outcome of a transaction id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
@@ -309,9 +411,29 @@ pub struct CoordinatorStore {
 
 impl CoordinatorStore {
     /// Opens (or creates) the coordinator's store for a cluster of
-    /// `participants`. A new store gets a fresh random cluster id. Refuses a
-    /// directory made for a different participant list, touching nothing.
+    /// `participants`. A new store (in a missing or empty directory) gets a
+    /// fresh random cluster id. Refuses, touching nothing, a directory made
+    /// for a different participant list, and a damaged one: its identity
+    /// file remains but the database lost the cluster, or it is not empty
+    /// and holds no coordinator state.
     pub fn open(dir: &Path, participants: &[String]) -> Result<(Self, ClusterId)> {
+        let id_file = dir.join(COORDINATOR_ID_FILE);
+        let was_empty = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(Error::Storage(format!("cannot read data dir {}: {e}", dir.display()))),
+        };
+        let recorded = match std::fs::read_to_string(&id_file) {
+            Ok(text) => Some(parse_id_file(&text).ok_or_else(|| {
+                Error::Storage(format!(
+                    "{} is unreadable: the data dir is damaged; restore it from a backup (see the README's operations \
+                     section) rather than starting over",
+                    id_file.display()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::Storage(format!("cannot read {}: {e}", id_file.display()))),
+        };
         let db = open_db(dir)?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"wal") {
             return Err(Error::Identity(format!(
@@ -320,12 +442,23 @@ impl CoordinatorStore {
             )));
         }
         let meta = db.open_tree("meta")?;
-        let cluster = match u64_at(&meta, "cluster")? {
-            Some(c) => {
+        let cluster = match (u64_at(&meta, "cluster")?, recorded) {
+            (Some(c), recorded) => {
                 let stored: Vec<String> = match meta.get("participants")? {
                     Some(v) => decode(&v, "participant list")?,
                     None => vec![],
                 };
+                if let Some((rc, _)) = recorded {
+                    if rc != ClusterId(c) {
+                        return Err(Error::Storage(format!(
+                            "data dir {} is damaged: its database holds cluster {} but {} says cluster {rc}; \
+                             restore the data dir from a backup",
+                            dir.display(),
+                            ClusterId(c),
+                            id_file.display()
+                        )));
+                    }
+                }
                 if stored != participants {
                     return Err(Error::Identity(format!(
                         "data dir {} was created for participants {} but --participants is {}: \
@@ -335,13 +468,33 @@ impl CoordinatorStore {
                         participants.join(",")
                     )));
                 }
+                if !id_file.exists() {
+                    write_id_file(dir, ClusterId(c), &stored)?;
+                }
                 ClusterId(c)
             }
-            None => {
+            (None, Some((rc, _))) => {
+                return Err(Error::Storage(format!(
+                    "data dir {} is damaged: {} records cluster {rc}, but the database holds no cluster (truncated or \
+                     replaced). Refusing to start a new cluster over it: restore the data dir from its newest backup \
+                     (see the README's operations section)",
+                    dir.display(),
+                    id_file.display()
+                )));
+            }
+            (None, None) if !was_empty => {
+                return Err(Error::Storage(format!(
+                    "data dir {} is not empty but holds no coordinator state: it is damaged or belongs to something \
+                     else. Restore it from a backup, or point --data-dir at an empty directory to create a new cluster",
+                    dir.display()
+                )));
+            }
+            (None, None) => {
                 let c = ClusterId(rand::random::<u64>() | 1);
                 meta.insert("participants", encode(&participants.to_vec()))?;
                 meta.insert("cluster", &c.0.to_be_bytes())?;
                 Durability::new(db.clone(), dir)?.sync()?;
+                write_id_file(dir, c, participants)?;
                 c
             }
         };
@@ -353,6 +506,22 @@ impl CoordinatorStore {
             db,
         };
         Ok((store, cluster))
+    }
+
+    /// Starts a new incarnation: the next generation with a fresh nonce,
+    /// recorded durably in the history before it is used. Returns it with
+    /// the whole history (generation -> nonce), itself included.
+    pub fn start_incarnation(&self) -> Result<(Incarnation, BTreeMap<u64, u64>)> {
+        let mut history: BTreeMap<u64, u64> = match self.meta.get("history")? {
+            Some(v) => decode(&v, "incarnation history")?,
+            None => BTreeMap::new(),
+        };
+        let generation = history.keys().next_back().map_or(1, |g| g + 1);
+        let inc = Incarnation { generation, nonce: rand::random() };
+        history.insert(generation, inc.nonce);
+        self.meta.insert("history", encode(&history))?;
+        Durability::new(self.db.clone(), &self.dir)?.sync()?;
+        Ok((inc, history))
     }
 
     pub fn durability(&self) -> Result<Durability> {
@@ -449,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = ReplicaStore::open(dir.path(), 1).unwrap();
         let rec = PreparedRecord { txn_id: TxnId(7), attempt: 1, writes: vec![Write::Delete(b"a".to_vec())] };
-        s.log_prepared(&rec).unwrap();
+        s.log_prepared(std::slice::from_ref(&rec)).unwrap();
         assert_eq!(s.prepared().unwrap(), vec![rec.clone()]);
         s.apply(&[ApplyEntry { index: 3, txn_id: TxnId(7), writes: rec.writes }]).unwrap();
         assert!(s.prepared().unwrap().is_empty());
@@ -472,12 +641,45 @@ mod tests {
         assert_eq!(s.decision(TxnId(1)).unwrap(), Some(Decision::Committed(1)));
     }
 
+    #[test]
+    fn a_damaged_coordinator_dir_is_never_taken_for_a_new_cluster() {
+        let ps = vec!["a:1".to_string()];
+        // The database lost its contents, the identity file remains.
+        let dir = tempfile::tempdir().unwrap();
+        let (s, c) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        drop(s);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.file_name().unwrap() != COORDINATOR_ID_FILE {
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).unwrap();
+                } else {
+                    std::fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+        let e = CoordinatorStore::open(dir.path(), &ps).err().unwrap().to_string();
+        assert!(e.contains("damaged") && e.contains(&c.to_string()) && e.contains("backup"), "{e}");
+        // Not empty, no identity at all: refused too.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"garbage").unwrap();
+        let e = CoordinatorStore::open(dir.path(), &ps).err().unwrap().to_string();
+        assert!(e.contains("not empty") || e.contains("cannot open"), "{e}");
+        // Incarnations count up across restarts and are remembered.
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        let (i1, _) = s.start_incarnation().unwrap();
+        let (i2, h) = s.start_incarnation().unwrap();
+        assert_eq!((i1.generation, i2.generation), (1, 2));
+        assert_eq!(h.get(&1), Some(&i1.nonce));
+    }
+
     #[tokio::test]
     async fn group_sync_makes_writes_durable_and_counts_syncs() {
         let dir = tempfile::tempdir().unwrap();
         let s = ReplicaStore::open(dir.path(), 1).unwrap();
         let g = GroupSync::start(s.durability().unwrap());
-        s.log_prepared(&PreparedRecord { txn_id: TxnId(1), attempt: 1, writes: vec![] }).unwrap();
+        s.log_prepared(&[PreparedRecord { txn_id: TxnId(1), attempt: 1, writes: vec![] }]).unwrap();
         let waits: Vec<_> = (0..10).map(|_| g.sync()).collect();
         for r in futures::future::join_all(waits).await {
             r.unwrap();

@@ -26,9 +26,15 @@ pub struct Args {
     /// about detect + lease + 200 ms before it is excluded.
     #[arg(long, env = "TREATY_LEASE_MS", default_value_t = 2000)]
     pub lease_ms: u64,
+    /// PREPARE batches in flight per participant at once. 1 measured best
+    /// here: while one batch is out, the next grows, and each costs one sync.
+    #[arg(long, env = "TREATY_PREPARE_PIPELINE", default_value_t = 1)]
+    pub prepare_pipeline: usize,
     /// Writes are refused when fewer participants than this are in the view.
     #[arg(long, env = "TREATY_MIN_REPLICAS", default_value_t = 3)]
     pub min_replicas: usize,
+    #[command(flatten)]
+    pub security: treaty_common::cli::SecurityArgs,
 }
 
 /// Runs the server as the binary does; returns only on shutdown or error.
@@ -37,9 +43,20 @@ pub async fn main_with(args: Args) -> i32 {
         Ok(l) => l,
         Err(code) => return code,
     };
+    let security = match args.security.server_security(
+        "treaty-coordinator",
+        &args.listen,
+        treaty_common::tls::Identity::Coordinator,
+    ) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let participants = args.participants.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
-    let mut config = crate::Config::new(args.data_dir, participants);
+    let mut config = crate::Config::new(args.data_dir, participants, security);
+    config.max_connections = args.security.max_connections;
+    config.frame_timeout = Duration::from_millis(args.security.frame_timeout_ms.max(100));
     config.prepare_timeout = Duration::from_millis(args.prepare_timeout_ms);
+    config.prepare_pipeline = args.prepare_pipeline.max(1);
     config.membership.detect_ms = args.detect_ms;
     config.membership.lease_ms = args.lease_ms;
     config.membership.min_replicas = args.min_replicas;

@@ -23,6 +23,8 @@ pub struct Args {
     /// How long a write or read waits for a key held by a prepared transaction (ms).
     #[arg(long, env = "TREATY_LOCK_WAIT_MS", default_value_t = 2000)]
     pub lock_wait_ms: u64,
+    #[command(flatten)]
+    pub security: treaty_common::cli::SecurityArgs,
 }
 
 /// Runs the server as the binary does; returns only on shutdown or error.
@@ -35,7 +37,14 @@ pub async fn main_with(args: Args) -> i32 {
         Ok(l) => l,
         Err(code) => return code,
     };
-    let mut config = crate::Config::new(args.id, args.data_dir, args.coordinator);
+    let me = treaty_common::tls::Identity::Participant(args.id);
+    let security = match args.security.server_security("treaty-participant", &args.listen, me) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut config = crate::Config::new(args.id, args.data_dir, args.coordinator, security);
+    config.max_connections = args.security.max_connections;
+    config.frame_timeout = Duration::from_millis(args.security.frame_timeout_ms.max(100));
     config.lock_wait = Duration::from_millis(args.lock_wait_ms);
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
         eprintln!("treaty-participant: {e:#}");

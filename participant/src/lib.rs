@@ -12,6 +12,14 @@
 //!   missed. Until it has caught up once, the replica neither votes nor
 //!   serves linearizable reads (it says so).
 //!
+//! Whom it listens to: PREPARE, COMMIT and ABORT only from the coordinator's
+//! certificate, and only from the coordinator incarnation it follows (it
+//! moves to a newer one only through a check-in that incarnation verified;
+//! see the coordinator's "Fencing"); a PREPARE must also name this replica
+//! (its data directory's id). A message that fails any check, or that
+//! contradicts what this replica already knows, is answered with an error
+//! and changes nothing.
+//!
 //! Failpoints (see `treaty_common::crash_point!`), in protocol order:
 //! `participant::before_prepare_log`, `participant::before_prepare_sync`,
 //! `participant::after_prepare_sync` (durable, vote not sent),
@@ -32,12 +40,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, error, info, warn};
 
 use treaty_common::crash_point;
-use treaty_common::protocol::{CommitStep, PrepareStep, ReplicaCore};
+use treaty_common::net::{self, Caller, ServeConfig};
+use treaty_common::protocol::{CommitStep, PrepareStep, PreparedRecord, ReplicaCore};
 use treaty_common::rpc::{
-    self, ClusterId, ClusterStatus, CoordinatorServiceClient, NodeStatus, Outcome, ParticipantService, Peer,
-    PrepareRequest, SyncRequest, Vote,
+    self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
+    Peer, PrepareBatch, SyncRequest, Vote,
 };
 use treaty_common::storage::{GroupSync, ReplicaStore};
+use treaty_common::tls::{Expect, Security};
 use treaty_common::{Committed, Error, Key, Result, Txn, TxnId, Versioned};
 
 /// How a participant is configured (flags / `TREATY_*` variables).
@@ -53,11 +63,26 @@ pub struct Config {
     pub lock_wait: Duration,
     /// How often the replica checks in with the coordinator.
     pub tick: Duration,
+    /// TLS identity (this participant's certificate), or insecure.
+    pub security: Security,
+    /// Most connections this node accepts at once.
+    pub max_connections: usize,
+    /// How long one frame may take to arrive (see `treaty_common::net`).
+    pub frame_timeout: Duration,
 }
 
 impl Config {
-    pub fn new(id: u64, data_dir: PathBuf, coordinator: String) -> Self {
-        Config { id, data_dir, coordinator, lock_wait: Duration::from_secs(2), tick: Duration::from_millis(200) }
+    pub fn new(id: u64, data_dir: PathBuf, coordinator: String, security: Security) -> Self {
+        Config {
+            id,
+            data_dir,
+            coordinator,
+            lock_wait: Duration::from_secs(2),
+            tick: Duration::from_millis(200),
+            security,
+            max_connections: net::DEFAULT_MAX_CONNECTIONS,
+            frame_timeout: net::FRAME_TIMEOUT,
+        }
     }
 }
 
@@ -74,6 +99,12 @@ const STUCK_TICKS: u64 = 3;
 struct Node {
     id: u64,
     addr: String,
+    /// This data directory's random id (see `SyncRequest::replica`).
+    replica: u64,
+    /// The coordinator incarnation this replica follows (durable in `meta`).
+    following: Mutex<Option<Incarnation>>,
+    /// Highest commit index known decided (durable in `meta`, lazily).
+    seen_index: AtomicU64,
     store: ReplicaStore,
     core: Mutex<ReplicaCore>,
     cluster: Mutex<Option<ClusterId>>,
@@ -138,21 +169,56 @@ impl Node {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    async fn prepare(&self, req: PrepareRequest) -> Result<Vote> {
+    /// Accepts a message only from the coordinator incarnation this replica
+    /// follows. A newer one is followed after its next check-in; an older
+    /// or different one is refused: its data is behind the cluster's.
+    fn check_incarnation(&self, what: &str, from: Incarnation) -> Result<()> {
+        let following = *self.following.lock().unwrap();
+        match following {
+            Some(f) if f == from => Ok(()),
+            Some(f) if from.generation > f.generation => Err(Error::NotReady(format!(
+                "participant {}: {what} from coordinator {from}, which it has not checked in with yet; retry",
+                self.id
+            ))),
+            None => Err(Error::NotReady(format!(
+                "participant {} has not checked in with the coordinator yet; retry",
+                self.id
+            ))),
+            Some(f) => Err(Error::Fenced(format!(
+                "participant {} refuses a {what} from coordinator {from}: it follows {f}, so that coordinator runs \
+                 on an older copy of its data dir than the cluster has seen (restored from an old backup?)",
+                self.id
+            ))),
+        }
+    }
+
+    /// PREPARE for a batch: checks that concern the whole batch first (who
+    /// sent it, to whom, under which view), then each transaction in order;
+    /// every record to log is written in one sled batch and made durable by
+    /// one sync before any vote leaves.
+    async fn prepare(&self, req: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         self.check_cluster(req.cluster)?;
         if req.to != self.id {
-            let msg = format!(
-                "this participant was started with id {}, but the coordinator reached it as participant {}: \
-                 ids are positions in the coordinator's --participants list; fix --id (TREATY_ID)",
+            return Err(Error::Identity(format!(
+                "this participant was started with id {}, but the coordinator sent it a PREPARE for participant {}: \
+                 ids are positions in the coordinator's --participants list; check --id (TREATY_ID) and the list",
                 self.id, req.to
-            );
-            let _ = self.fatal.send(msg.clone());
-            return Err(Error::Identity(msg));
+            )));
+        }
+        self.check_incarnation("PREPARE", req.coordinator)?;
+        if req.replica != self.replica {
+            return Err(Error::NotReady(format!(
+                "participant {} is replica {:016x} (data dir {}), but the coordinator's view has replica {:016x} for \
+                 it: this data dir replaced the one the view knows, and rejoins once it has caught up",
+                self.id,
+                self.replica,
+                self.store.dir().display(),
+                req.replica
+            )));
         }
         if !self.ready.load(Ordering::Acquire) {
             return Err(self.not_ready());
         }
-        req.txn.validate()?;
         let known = self.epoch.fetch_max(req.epoch, Ordering::AcqRel);
         if req.epoch < known {
             return Err(Error::Conflict(format!(
@@ -178,11 +244,43 @@ impl Node {
                 )));
             }
         }
+        let mut votes = Vec::with_capacity(req.items.len());
+        let mut records = Vec::new();
+        let mut sync_needed = false;
+        for item in &req.items {
+            votes.push(self.prepare_one(&item.txn, item.attempt, give_up, &mut records, &mut sync_needed).await);
+        }
+        if !records.is_empty() {
+            crash_point!("participant::before_prepare_log");
+            self.store.log_prepared(&records).unwrap_or_else(|e| fatal_storage("logging PREPARED records", e));
+            crash_point!("participant::before_prepare_sync");
+        }
+        if sync_needed || !records.is_empty() {
+            self.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing the WAL", e));
+        }
+        if !records.is_empty() {
+            crash_point!("participant::after_prepare_sync");
+            debug!(count = records.len(), "prepared");
+        }
+        Ok(votes)
+    }
+
+    /// One transaction of a PREPARE batch: its vote, with the record to log
+    /// (or the need to sync an earlier one) added for the batch.
+    async fn prepare_one(
+        &self,
+        txn: &Txn,
+        attempt: u64,
+        give_up: Instant,
+        records: &mut Vec<PreparedRecord>,
+        sync_needed: &mut bool,
+    ) -> Result<Vote> {
+        txn.validate()?;
         loop {
             let mut changed = self.changed.subscribe();
             let step = {
                 let mut core = self.core.lock().unwrap();
-                core.prepare(&req.txn, req.attempt, |k| self.store.get(k))
+                core.prepare(txn, attempt, |k| self.store.get(k))
             }?;
             match step {
                 PrepareStep::Blocked(holder) => {
@@ -195,25 +293,66 @@ impl Node {
                     }
                 }
                 PrepareStep::AlreadyPrepared => {
-                    self.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing the WAL", e));
+                    *sync_needed = true;
                     return Ok(Vote::Yes);
                 }
                 PrepareStep::VoteNo(reason) => return Ok(Vote::No(reason)),
                 PrepareStep::Persist(record) => {
-                    crash_point!("participant::before_prepare_log");
-                    self.store.log_prepared(&record).unwrap_or_else(|e| fatal_storage("logging a PREPARED record", e));
-                    crash_point!("participant::before_prepare_sync");
-                    self.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing the WAL", e));
-                    crash_point!("participant::after_prepare_sync");
-                    debug!(txn = %req.txn.id, attempt = req.attempt, "prepared");
+                    records.push(record);
                     return Ok(Vote::Yes);
                 }
             }
         }
     }
 
-    fn commit(&self, txn_id: TxnId, index: u64) {
-        let step = self.core.lock().unwrap().commit(txn_id, index, None);
+    /// Outcomes from the coordinator: commits queue for the applier (one
+    /// wake-up for all), aborts drop their records (one sled batch).
+    fn decide(&self, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)>) -> Result<()> {
+        let mut first_error = None;
+        let mut queued = false;
+        let mut forget = Vec::new();
+        {
+            let mut core = self.core.lock().unwrap();
+            for (txn_id, index) in commits {
+                match core.commit(txn_id, index, None) {
+                    Ok(CommitStep::Queued) => queued = true,
+                    Ok(CommitStep::AlreadyApplied) => {}
+                    Ok(CommitStep::Unknown) => {
+                        warn!(txn = %txn_id, index, "commit of a transaction not prepared here; fetching the log");
+                        self.catch_up.notify_one();
+                    }
+                    Err(e) => {
+                        error!(txn = %txn_id, index, error = %e, "refused a COMMIT that contradicts what this replica knows");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            for (txn_id, attempt) in aborts {
+                match core.abort(txn_id, attempt) {
+                    Ok(true) => forget.push(txn_id),
+                    Ok(false) => {}
+                    Err(e) => {
+                        error!(txn = %txn_id, attempt, error = %e, "refused an ABORT of a committed transaction");
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if queued {
+            self.apply_wake.notify_one();
+        }
+        if !forget.is_empty() {
+            self.store.forget_prepared(&forget).unwrap_or_else(|e| fatal_storage("dropping PREPARED records", e));
+            self.bump();
+            debug!(count = forget.len(), "aborted");
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn commit(&self, txn_id: TxnId, index: u64) -> Result<()> {
+        let step = self.core.lock().unwrap().commit(txn_id, index, None).inspect_err(|e| {
+            error!(txn = %txn_id, index, error = %e, "refused a COMMIT that contradicts what this replica knows");
+        })?;
         match step {
             CommitStep::Queued => self.apply_wake.notify_one(),
             CommitStep::AlreadyApplied => {}
@@ -222,15 +361,19 @@ impl Node {
                 self.catch_up.notify_one();
             }
         }
+        Ok(())
     }
 
-    fn abort(&self, txn_id: TxnId, attempt: u64) {
-        let forget = self.core.lock().unwrap().abort(txn_id, attempt);
+    fn abort(&self, txn_id: TxnId, attempt: u64) -> Result<()> {
+        let forget = self.core.lock().unwrap().abort(txn_id, attempt).inspect_err(|e| {
+            error!(txn = %txn_id, attempt, error = %e, "refused an ABORT of a committed transaction");
+        })?;
         if forget {
-            self.store.forget_prepared(txn_id).unwrap_or_else(|e| fatal_storage("dropping a PREPARED record", e));
+            self.store.forget_prepared(&[txn_id]).unwrap_or_else(|e| fatal_storage("dropping a PREPARED record", e));
             self.bump();
             debug!(txn = %txn_id, attempt, "aborted");
         }
+        Ok(())
     }
 
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
@@ -315,6 +458,9 @@ impl Node {
             id: self.id,
             role: "participant".into(),
             addr: self.addr.clone(),
+            replica: self.replica,
+            fenced: None,
+            coordinator: *self.following.lock().unwrap(),
             cluster: *self.cluster.lock().unwrap(),
             applied_index: core.applied_index(),
             ready: self.ready.load(Ordering::Acquire),
@@ -364,15 +510,20 @@ impl Node {
                 _ = self.catch_up.notified() => { behind_ticks = STUCK_TICKS; }
             }
             let ready = self.ready.load(Ordering::Acquire);
-            let (applied, in_doubt) = {
+            let (applied, in_doubt, undecided) = {
                 let mut core = self.core.lock().unwrap();
                 core.tick();
-                (core.applied_index(), core.in_doubt(if ready { IN_DOUBT_TICKS } else { 0 }))
+                let undecided = core.in_doubt(0).len() as u64;
+                (core.applied_index(), core.in_doubt(if ready { IN_DOUBT_TICKS } else { 0 }), undecided)
             };
             let sent = Instant::now();
             let req = SyncRequest {
                 node_id: self.id,
+                replica: self.replica,
                 cluster: *self.cluster.lock().unwrap(),
+                coordinator: *self.following.lock().unwrap(),
+                seen_index: self.seen_index.load(Ordering::Acquire).max(applied),
+                undecided,
                 applied_index: applied,
                 in_doubt,
             };
@@ -395,6 +546,14 @@ impl Node {
                 Err(Error::Identity(msg)) => {
                     let _ = self.fatal.send(msg);
                     return;
+                }
+                Err(e @ (Error::Fenced(_) | Error::Denied(_))) => {
+                    // Not this replica's fault: keep its data, keep asking.
+                    if !warned {
+                        error!(error = %e, "the coordinator cannot be followed; waiting for an operator to fix it");
+                        warned = true;
+                    }
+                    continue;
                 }
                 Err(e) => {
                     if !warned {
@@ -438,6 +597,23 @@ impl Node {
                     Some(_) => {}
                 }
             }
+            {
+                let mut following = self.following.lock().unwrap();
+                if *following != Some(reply.coordinator) {
+                    // The coordinator verified this check-in, so it knows
+                    // the incarnation followed so far: move to it.
+                    if let Err(e) = self.store.set_following(reply.coordinator) {
+                        fatal_storage("recording the coordinator incarnation", e);
+                    }
+                    info!(coordinator = %reply.coordinator, previous = ?*following, "following coordinator");
+                    *following = Some(reply.coordinator);
+                }
+            }
+            if self.seen_index.fetch_max(reply.last_index, Ordering::AcqRel) < reply.last_index {
+                if let Err(e) = self.store.set_seen_index(reply.last_index) {
+                    fatal_storage("recording the seen index", e);
+                }
+            }
             self.cluster_last.store(reply.last_index, Ordering::Relaxed);
             *self.last_contact.lock().unwrap() = Some(Instant::now());
             self.epoch.fetch_max(reply.epoch, Ordering::AcqRel);
@@ -447,13 +623,21 @@ impl Node {
             self.min_applied.fetch_max(reply.min_applied, Ordering::AcqRel);
             // The lease counts from when the request left, shortened by 10%
             // for clock-rate drift, so it ends before the coordinator's count.
-            *self.lease_until.lock().unwrap() = reply.lease_ms.map(|ms| sent + Duration::from_millis(ms * 9 / 10));
+            // A reply without one does not revoke a lease still running: the
+            // coordinator counts every lease it granted (a restarted one
+            // assumes a full lease per member) until it has expired.
+            if let Some(ms) = reply.lease_ms {
+                let mut lease = self.lease_until.lock().unwrap();
+                let new = sent + Duration::from_millis(ms * 9 / 10);
+                *lease = Some(lease.map_or(new, |old| old.max(new)));
+            }
             for (txn_id, attempt, outcome) in reply.outcomes {
-                match outcome {
+                // Refusals are logged where they happen; the rest proceeds.
+                let _ = match outcome {
                     Outcome::Committed(index) => self.commit(txn_id, index),
                     Outcome::Aborted => self.abort(txn_id, attempt),
-                    Outcome::Pending => {}
-                }
+                    Outcome::Pending => Ok(()),
+                };
             }
             if reply.last_index > applied {
                 if applied == last_applied {
@@ -503,7 +687,9 @@ impl Node {
             {
                 let mut core = self.core.lock().unwrap();
                 for e in entries {
-                    core.commit(e.txn_id, e.index, Some(e.writes));
+                    if let Err(err) = core.commit(e.txn_id, e.index, Some(e.writes)) {
+                        error!(error = %err, "the coordinator's log contradicts this replica");
+                    }
                 }
             }
             self.apply_wake.notify_one();
@@ -534,47 +720,69 @@ impl Node {
     }
 }
 
+/// One connection's view of the participant: who is calling decides what it
+/// may do (see `treaty_common::rpc`).
 #[derive(Clone)]
-struct Server(Arc<Node>);
+struct Server {
+    node: Arc<Node>,
+    caller: Caller,
+}
 
 impl ParticipantService for Server {
-    async fn prepare(self, _: Context, req: PrepareRequest) -> Result<Vote> {
-        self.0.prepare(req).await
+    async fn prepare(self, _: Context, batch: PrepareBatch) -> Result<Vec<Result<Vote>>> {
+        self.caller.require_coordinator("PREPARE")?;
+        self.node.prepare(batch).await
     }
 
-    async fn commit(self, _: Context, cluster: ClusterId, txn_id: TxnId, index: u64) -> Result<()> {
-        self.0.check_cluster(cluster)?;
-        self.0.commit(txn_id, index);
-        Ok(())
+    async fn decide(
+        self,
+        _: Context,
+        cluster: ClusterId,
+        from: Incarnation,
+        commits: Vec<(TxnId, u64)>,
+        aborts: Vec<(TxnId, u64)>,
+    ) -> Result<()> {
+        self.caller.require_coordinator("COMMIT and ABORT")?;
+        self.node.check_cluster(cluster)?;
+        self.node.check_incarnation("COMMIT", from)?;
+        self.node.decide(commits, aborts)
     }
 
-    async fn abort(self, _: Context, cluster: ClusterId, txn_id: TxnId, attempt: u64) -> Result<()> {
-        self.0.check_cluster(cluster)?;
-        self.0.abort(txn_id, attempt);
-        Ok(())
+    async fn coordinator_addr(self, _: Context) -> String {
+        self.node.coordinator.addr.clone()
     }
 
     async fn get(self, _: Context, key: Key, stale: bool) -> Result<Option<Versioned>> {
-        self.0.get(key, stale).await
+        self.node.get(key, stale).await
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
         txn.validate()?;
-        self.0
+        let (result, sent) = self
+            .node
             .coordinator
-            .call(|c: CoordinatorServiceClient| {
+            .call_raw_sent(|c: CoordinatorServiceClient| {
                 let txn = txn.clone();
                 async move { c.submit(rpc::deadline(Duration::from_secs(20)), txn).await }
             })
-            .await
+            .await;
+        match result {
+            Ok(answer) => answer,
+            // No connection to the coordinator could be opened: nothing
+            // reached it, so nothing can have been committed.
+            Err(Error::Unavailable(why)) if !sent => Err(Error::NotCommitted(format!(
+                "{why}; the write never reached the coordinator, so it did not commit: retrying is safe"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     async fn node_status(self, _: Context) -> NodeStatus {
-        self.0.status()
+        self.node.status()
     }
 
     async fn txn_outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
-        self.0
+        self.node
             .coordinator
             .call(|c: CoordinatorServiceClient| async move {
                 c.outcome(rpc::deadline(Duration::from_secs(5)), txn_id).await
@@ -583,7 +791,7 @@ impl ParticipantService for Server {
     }
 
     async fn cluster_status(self, _: Context) -> Result<ClusterStatus> {
-        self.0
+        self.node
             .coordinator
             .call_infallible(|c: CoordinatorServiceClient| async move {
                 c.status(rpc::deadline(Duration::from_secs(5))).await
@@ -600,13 +808,22 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let applied = store.applied_index()?;
     let prepared = store.prepared()?;
     let cluster = store.cluster()?;
-    info!(id = config.id, %addr, applied, in_doubt = prepared.len(), data_dir = %config.data_dir.display(), "participant starting");
+    let replica = store.replica_id()?;
+    let following = store.following()?;
+    let seen_index = store.seen_index()?;
+    info!(
+        id = config.id, %addr, applied, in_doubt = prepared.len(), data_dir = %config.data_dir.display(),
+        replica = %format!("{replica:016x}"), "participant starting"
+    );
     let core = ReplicaCore::recover(applied, prepared);
     let sync = GroupSync::start(store.durability().context("opening the data file for syncing")?);
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let node = Arc::new(Node {
         id: config.id,
         addr: addr.clone(),
+        replica,
+        following: Mutex::new(following),
+        seen_index: AtomicU64::new(seen_index),
         store,
         core: Mutex::new(core),
         cluster: Mutex::new(cluster),
@@ -615,8 +832,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         apply_wake: Notify::new(),
         catch_up: Notify::new(),
         sync,
-        coordinator: Peer::new(format!("coordinator at {}", config.coordinator), config.coordinator.clone())
-            .with_max_call(Duration::from_secs(21)),
+        coordinator: Peer::new(
+            format!("coordinator at {}", config.coordinator),
+            config.coordinator.clone(),
+            config.security.clone(),
+            Expect::Coordinator,
+        )
+        .with_max_call(Duration::from_secs(21)),
         applied_count: AtomicU64::new(0),
         cluster_last: AtomicU64::new(0),
         epoch: AtomicU64::new(0),
@@ -630,12 +852,18 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     });
     tokio::spawn(node.clone().applier());
     tokio::spawn(node.clone().sync_loop(config.tick));
-    let server = Server(node.clone());
-    let accept = rpc::serve(
+    let serve_config = ServeConfig {
+        max_connections: config.max_connections,
+        frame_timeout: config.frame_timeout,
+        ..ServeConfig::new(config.security.clone(), format!("participant {} at {addr}", config.id))
+    };
+    let server_node = node.clone();
+    let accept = net::serve(
         listener,
-        move |transport| {
-            let service = server.clone().serve();
-            treaty_common::execute_channel!(transport, service)
+        serve_config,
+        move |io, caller| {
+            let service = Server { node: server_node.clone(), caller }.serve();
+            treaty_common::execute_channel!(io, service)
         },
         shutdown,
     );

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use treaty_client::{Client, ReadMode};
+use treaty_client::{Client, Identity, ReadMode, Security};
 use treaty_common::rpc::NodeStatus;
 
 /// Path of a workspace binary, building the workspace's binaries first.
@@ -54,6 +54,8 @@ pub struct Cluster {
     pub route_to_participant: Option<Vec<String>>,
     /// Address each participant 1..=n uses for the coordinator.
     pub route_to_coordinator: Option<Vec<String>>,
+    /// Run every node with `--insecure` instead of TLS (set before spawning).
+    pub insecure: bool,
 }
 
 impl Cluster {
@@ -74,14 +76,59 @@ impl Cluster {
     }
 
     /// Allocates ports and directories without starting anything.
+    /// Allocates ports and directories and creates the cluster's CA and
+    /// certificates (in `certs_dir()`) without starting anything.
     pub fn new(n: usize) -> Cluster {
+        let mut dir = tempfile::tempdir().unwrap();
+        // TREATY_TEST_KEEP=1 keeps every cluster's directory (logs, data) for a post-mortem.
+        if std::env::var_os("TREATY_TEST_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping cluster directory {}", dir.path().display());
+        }
+        treaty_common::tls::create(&dir.path().join("certs"), n as u64).expect("creating certificates");
         Cluster {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             ports: free_ports(n + 1),
             procs: (0..=n).map(|_| None).collect(),
             coordinator_args: vec!["--min-replicas".into(), n.min(3).to_string()],
             route_to_participant: None,
             route_to_coordinator: None,
+            insecure: false,
+        }
+    }
+
+    /// The cluster's certificates (CA, every node, client `admin`).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// How clients of this cluster connect: the `admin` client certificate.
+    pub fn client_security(&self) -> Security {
+        if self.insecure {
+            return Security::Insecure;
+        }
+        Security::tls(&self.certs_dir(), Identity::Client("admin".into())).expect("client certificate")
+    }
+
+    /// The `treaty` CLI set up to talk to this cluster (credentials in the
+    /// environment; endpoints still to be given).
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(binary("treaty"));
+        cmd.env_remove("TREATY_CERTS").env_remove("TREATY_INSECURE").env_remove("TREATY_ENDPOINTS");
+        if self.insecure {
+            cmd.env("TREATY_INSECURE", "1");
+        } else {
+            cmd.env("TREATY_CERTS", self.certs_dir());
+        }
+        cmd
+    }
+
+    /// The security flags every node of this cluster starts with.
+    pub fn security_args(&self) -> Vec<String> {
+        if self.insecure {
+            vec!["--insecure".into()]
+        } else {
+            vec!["--certs".into(), self.certs_dir().display().to_string()]
         }
     }
 
@@ -119,7 +166,13 @@ impl Cluster {
             };
             cmd.arg("--data-dir").arg(self.data_dir(i)).arg("--coordinator").arg(coordinator);
         }
-        cmd.env("RUST_LOG", "info,tarpc=warn").env_remove("TREATY_FAILPOINTS").stdin(Stdio::null());
+        cmd.args(self.security_args());
+        for var in ["TREATY_FAILPOINTS", "TREATY_CERTS", "TREATY_INSECURE", "TREATY_MAX_CONNECTIONS"] {
+            cmd.env_remove(var);
+        }
+        // TREATY_TEST_LOG overrides the nodes' log filter (e.g. `debug`).
+        let filter = std::env::var("TREATY_TEST_LOG").unwrap_or_else(|_| "info,tarpc=warn".into());
+        cmd.env("RUST_LOG", filter).stdin(Stdio::null());
         cmd
     }
 
@@ -183,12 +236,17 @@ impl Cluster {
 
     /// A client using every participant as an endpoint.
     pub fn client(&self) -> Client {
-        Client::new(self.participant_addrs()).with_timeout(Duration::from_secs(10))
+        self.client_with(self.participant_addrs())
     }
 
     /// A client bound to participant `i` only.
     pub fn client_for(&self, i: usize) -> Client {
-        Client::new(vec![self.addr(i)]).with_timeout(Duration::from_secs(10))
+        self.client_with(vec![self.addr(i)])
+    }
+
+    /// A client of this cluster for these endpoints.
+    pub fn client_with(&self, endpoints: Vec<String>) -> Client {
+        Client::new(endpoints, self.client_security()).with_timeout(Duration::from_secs(10))
     }
 
     /// Participant `i`'s own status, if it answers.
@@ -287,4 +345,51 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// A hand-made peer: a raw tarpc client of type `C` on a connection to
+/// `addr` made with `security`, as anyone holding those credentials could.
+pub async fn raw_peer<C: treaty_common::net::RpcClient>(
+    addr: &str,
+    security: &Security,
+    expect: treaty_common::tls::Expect,
+) -> std::io::Result<C> {
+    let io = treaty_common::net::connect(addr, security, &expect, Duration::from_secs(5)).await?;
+    let (client, dispatch) = C::start(io);
+    tokio::spawn(dispatch);
+    Ok(client)
+}
+
+/// Open file descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// CPU time (user + system) process `pid` has used, in milliseconds.
+pub fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    f.get(11).zip(f.get(12)).map_or(0, |(u, s)| (u + s) * 1000 / ticks)
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sets the open-file limit of a running process (what `prlimit --pid` does).
+pub fn set_fd_limit(pid: u32, limit: u64) {
+    let new = libc::rlimit { rlim_cur: limit, rlim_max: limit.max(4096) };
+    // SAFETY: prlimit reads `new` and writes nothing when `old` is null.
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit failed: {}", std::io::Error::last_os_error());
 }

@@ -5,12 +5,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-use treaty_tests::{binary, Cluster};
+use treaty_tests::Cluster;
 
 fn run(c: &Cluster, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(binary("treaty"));
+    let mut cmd = c.cli();
     cmd.arg("--endpoints").arg(c.participant_addrs().join(",")).arg("run").args(args);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -31,7 +31,7 @@ fn golden(c: &Cluster, file: &Path, extra: &[&str], suffix: &str) {
     args.extend_from_slice(extra);
     let rel = file.strip_prefix(here()).unwrap().display().to_string();
     args.push(&rel);
-    let mut cmd = Command::new(binary("treaty"));
+    let mut cmd = c.cli();
     cmd.current_dir(here()).arg("--endpoints").arg(c.participant_addrs().join(",")).arg("run").args(&args);
     let out = cmd.output().unwrap();
     let actual = format!("# exit {}\n{}", out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout));

@@ -5,7 +5,7 @@ use std::io::{Read, Write as _};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use treaty_client::{Client, Condition, Error, Outcome, ReadMode, Txn, Write};
+use treaty_client::{Condition, Error, Outcome, ReadMode, Txn, Write};
 use treaty_tests::{binary, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +86,7 @@ async fn concurrent_compare_and_swap_increments_are_serializable() {
     c.client().put(b"counter", b"0").await.unwrap();
     let mut tasks = Vec::new();
     for w in 0..6 {
-        let client = Client::new(c.participant_addrs().into_iter().cycle().skip(w).take(3).collect());
+        let client = c.client_with(c.participant_addrs().into_iter().cycle().skip(w).take(3).collect());
         tasks.push(tokio::spawn(async move {
             let mut wins = 0u64;
             for _ in 0..15 {
@@ -276,6 +276,7 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused_untouched() {
     let out = Command::new(binary("treaty-participant"))
         .args(["--id", "3", "--listen", "127.0.0.1:0", "--coordinator", &c.addr(0), "--data-dir"])
         .arg(c.data_dir(2))
+        .args(c.security_args())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -285,7 +286,8 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused_untouched() {
     let other = Cluster::start(2).await;
     let mut cmd = Command::new(binary("treaty-participant"));
     cmd.args(["--id", "2", "--listen", "127.0.0.1:0", "--coordinator", &other.addr(0), "--data-dir"])
-        .arg(c.data_dir(2));
+        .arg(c.data_dir(2))
+        .args(other.security_args());
     let out = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || cmd.output()))
         .await
         .expect("refused within 10 s")
@@ -307,6 +309,7 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused_untouched() {
             "--data-dir",
         ])
         .arg(c.data_dir(0))
+        .args(c.security_args())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -319,34 +322,35 @@ async fn a_data_dir_of_another_node_or_cluster_is_refused_untouched() {
     assert_eq!(v[0].as_ref().unwrap().0, b"v");
 }
 
-fn treaty(args: &[&str]) -> std::process::Output {
-    Command::new(binary("treaty")).args(args).output().unwrap()
+fn treaty(c: &Cluster, args: &[&str]) -> std::process::Output {
+    c.cli().args(args).output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reports_outcomes_with_exit_codes() {
     let c = Cluster::start(3).await;
     let eps = c.participant_addrs().join(",");
-    let out = treaty(&["--endpoints", &eps, "put", "name", "treaty"]);
+    let out = treaty(&c, &["--endpoints", &eps, "put", "name", "treaty"]);
     assert!(out.status.success(), "{out:?}");
-    let out = treaty(&["--endpoints", &eps, "get", "name"]);
+    let out = treaty(&c, &["--endpoints", &eps, "get", "name"]);
     assert_eq!((out.status.code(), out.stdout.as_slice()), (Some(0), &b"treaty\n"[..]));
-    let out = treaty(&["--endpoints", &eps, "get", "missing"]);
+    let out = treaty(&c, &["--endpoints", &eps, "get", "missing"]);
     assert_eq!((out.status.code(), out.stdout.len()), (Some(4), 0), "missing key: exit 4, nothing on stdout");
-    let out = treaty(&["--endpoints", &eps, "cas", "name", "wrong", "x"]);
+    let out = treaty(&c, &["--endpoints", &eps, "cas", "name", "wrong", "x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("condition failed: name = wrong"));
-    let out = treaty(&["--endpoints", &eps, "frobnicate"]);
+    let out = treaty(&c, &["--endpoints", &eps, "frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
-    let out = treaty(&["--endpoints", &eps, "status"]);
+    let out = treaty(&c, &["--endpoints", &eps, "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert_eq!(text.matches(" up ").count(), 4, "{text}");
-    let out = treaty(&["--endpoints", "127.0.0.1:1", "put", "a", "b"]);
+    let out = treaty(&c, &["--endpoints", "127.0.0.1:1", "put", "a", "b"]);
     assert_eq!(out.status.code(), Some(3), "unreachable cluster");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unavailable: endpoint 127.0.0.1:1 unreachable"), "{err}");
+    assert!(err.contains("not committed: endpoint 127.0.0.1:1 unreachable"), "{err}");
+    assert!(err.contains("retrying is safe"), "{err}");
     assert!(!err.contains("may or may not have committed"), "nothing was sent, so nothing is in doubt: {err}");
 }
 
@@ -401,7 +405,7 @@ async fn an_ambiguous_write_names_its_id_and_outcome_tells_what_happened() {
     c.spawn(0, &[("TREATY_FAILPOINTS", "coordinator::after_decision_sync=return")]);
     c.wait_ready(Duration::from_secs(10)).await;
 
-    let out = treaty(&["--endpoints", &eps, "put", "fate", "sealed"]);
+    let out = treaty(&c, &["--endpoints", &eps, "put", "fate", "sealed"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(c.wait_exit(0, Duration::from_secs(10)), "the coordinator did not crash: {err}");
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -413,12 +417,12 @@ async fn an_ambiguous_write_names_its_id_and_outcome_tells_what_happened() {
         .unwrap_or_else(|| panic!("no transaction id in: {err}"))
         .to_string();
     // Still unknown while the coordinator is down.
-    let out = treaty(&["--endpoints", &eps, "outcome", &id]);
+    let out = treaty(&c, &["--endpoints", &eps, "outcome", &id]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 
     c.spawn(0, &[]);
     let last = c.wait_ready(Duration::from_secs(20)).await;
-    let out = treaty(&["--endpoints", &eps, "outcome", &id]);
+    let out = treaty(&c, &["--endpoints", &eps, "outcome", &id]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("committed at index {last}"));
     let v = c.client().get(b"fate").await.unwrap().unwrap();
@@ -426,10 +430,10 @@ async fn an_ambiguous_write_names_its_id_and_outcome_tells_what_happened() {
     c.assert_replicas_identical(&[b"fate".to_vec()]).await;
 
     // An id nobody ever sent, and one that is not an id.
-    let out = treaty(&["--endpoints", &eps, "outcome", &"0".repeat(32)]);
+    let out = treaty(&c, &["--endpoints", &eps, "outcome", &"0".repeat(32)]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("not committed"));
-    let out = treaty(&["--endpoints", &eps, "outcome", "nonsense"]);
+    let out = treaty(&c, &["--endpoints", &eps, "outcome", "nonsense"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a transaction id"));
 }

@@ -118,8 +118,8 @@ async fn kill_nodes_under_load_loses_no_acknowledged_write() {
     for w in 0..4 {
         let eps: Vec<String> = endpoints.iter().cycle().skip(w).take(endpoints.len()).cloned().collect();
         let stop = stop.clone();
+        let client = c.client_with(eps).with_timeout(Duration::from_secs(5));
         writers.push(tokio::spawn(async move {
-            let client = treaty_client::Client::new(eps).with_timeout(Duration::from_secs(5));
             let mut acked = Vec::new();
             for i in 0..400u32 {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -129,6 +129,7 @@ async fn kill_nodes_under_load_loses_no_acknowledged_write() {
                 match client.put(&key, &i.to_be_bytes()).await {
                     Ok(c) => acked.push((key, c.index)),
                     Err(Error::Unavailable(_))
+                    | Err(Error::NotCommitted(_))
                     | Err(Error::NotReady(_))
                     | Err(Error::Conflict(_))
                     | Err(Error::InDoubt(_)) => tokio::time::sleep(Duration::from_millis(20)).await,

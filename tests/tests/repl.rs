@@ -1,17 +1,16 @@
 //! The REPL driven through a real pseudo-terminal, against a real cluster.
 
-use std::process::Command;
 use std::time::Duration;
 
 use rexpect::session::{spawn_command, PtySession};
-use treaty_tests::{binary, Cluster};
+use treaty_tests::Cluster;
 
-fn shell(endpoints: &[String], history: &std::path::Path) -> PtySession {
-    shell_with(endpoints, history, false)
+fn shell(c: &Cluster, endpoints: &[String], history: &std::path::Path) -> PtySession {
+    shell_with(c, endpoints, history, false)
 }
 
-fn shell_with(endpoints: &[String], history: &std::path::Path, color: bool) -> PtySession {
-    let mut cmd = Command::new(binary("treaty"));
+fn shell_with(c: &Cluster, endpoints: &[String], history: &std::path::Path, color: bool) -> PtySession {
+    let mut cmd = c.cli();
     cmd.args(["--endpoints", &endpoints.join(","), "repl"]).env("TREATY_HISTORY", history).env("TERM", "xterm");
     if color {
         cmd.env_remove("NO_COLOR");
@@ -34,7 +33,7 @@ async fn completion_history_and_the_transaction_flow() {
     let hist = dir.path().join("history");
     let eps = c.participant_addrs();
     {
-        let mut s = shell_with(&eps, &hist, true);
+        let mut s = shell_with(&c, &eps, &hist, true);
         // Tab completes the command: we type only "pu<TAB>".
         s.send("pu").unwrap();
         s.send("\t").unwrap();
@@ -80,7 +79,7 @@ async fn completion_history_and_the_transaction_flow() {
     assert_eq!(value(&c, b"k2").await.unwrap(), b"two words");
     // History survives a restart: Up arrow recalls the last command.
     c.client().delete(b"hist").await.unwrap();
-    let mut s = shell(&eps, &hist);
+    let mut s = shell(&c, &eps, &hist);
     s.send("\x1b[A").unwrap(); // the last line of the previous session
     s.send_line("").unwrap();
     s.exp_string("OK (commit index").unwrap();
@@ -95,8 +94,8 @@ async fn conflicting_writers_in_two_shells_second_commit_aborts() {
     c.client().put(b"x", b"0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let eps = c.participant_addrs();
-    let mut a = shell(&eps, &dir.path().join("a"));
-    let mut b = shell(&eps[1..], &dir.path().join("b"));
+    let mut a = shell(&c, &eps, &dir.path().join("a"));
+    let mut b = shell(&c, &eps[1..], &dir.path().join("b"));
     for s in [&mut a, &mut b] {
         s.send_line("begin").unwrap();
         s.exp_string("transaction open").unwrap();
@@ -138,7 +137,7 @@ async fn a_lost_endpoint_is_replaced_and_the_shell_says_so() {
     let mut c = Cluster::start(3).await;
     c.client().put(b"k", b"v").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut s = shell(&c.participant_addrs(), &dir.path().join("h"));
+    let mut s = shell(&c, &c.participant_addrs(), &dir.path().join("h"));
     s.send_line("get k").unwrap();
     s.exp_string("v  (version 1)").unwrap();
     c.kill(1);

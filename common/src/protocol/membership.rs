@@ -16,6 +16,16 @@
 //!   once it has applied everything up to its *join index* (the last commit
 //!   index when it was admitted); PREPAREs ask it to reach that index before
 //!   voting.
+//! * Each member is *bound* to one replica (the random id of its data
+//!   directory), durably in the view. Only that replica, checking in *and*
+//!   answering pings at the member's configured address, gets leases; the
+//!   PREPAREs sent to that address name it. A member whose address now
+//!   answers as another replica (its directory was wiped or replaced) is
+//!   suspected, excluded once its lease has expired, and the new replica
+//!   joins like any returning node.
+//! * A second process claiming a participant id while the first still
+//!   answers at that id's address is refused (a ping after its first
+//!   check-in still finds the first one there); it never gets a lease.
 //!
 //! Time is an input: every method takes `now` in milliseconds of the
 //! coordinator's monotonic clock. After a coordinator restart, all members are
@@ -35,6 +45,17 @@ pub struct View {
     /// coordinator restart cannot let a half-caught-up member vote).
     #[serde(default)]
     pub joined_at: BTreeMap<u64, u64>,
+    /// The replica each member is bound to (see the module docs). A member
+    /// without one is bound at its first check-in confirmed by a ping.
+    #[serde(default)]
+    pub replicas: BTreeMap<u64, u64>,
+}
+
+impl View {
+    /// The initial view of a new cluster: every participant, none bound yet.
+    pub fn initial(n: u64) -> View {
+        View { epoch: 1, members: (1..=n).collect(), joined_at: BTreeMap::new(), replicas: BTreeMap::new() }
+    }
 }
 
 /// Timing and size limits of failure detection (all in milliseconds).
@@ -69,6 +90,13 @@ struct Node {
     applied: u64,
     in_doubt: usize,
     join_index: u64,
+    /// The replica that checked in last.
+    replica: Option<u64>,
+    /// The replica that answered the last successful ping at the address.
+    at_address: Option<u64>,
+    /// A replica other than the one at the address, claiming this id, and
+    /// since when (see [`Membership::on_sync`]).
+    claim: Option<(u64, u64)>,
 }
 
 /// What the I/O layer must do: change the view (durably, with the write
@@ -77,6 +105,8 @@ struct Node {
 pub enum ViewChange {
     Exclude(u64),
     Admit(u64),
+    /// Bind a member to the replica now checking in at its address.
+    Bind(u64),
 }
 
 /// The answer to a participant's check-in.
@@ -142,32 +172,85 @@ impl Membership {
         Ok(())
     }
 
-    /// A participant checked in.
-    pub fn on_sync(&mut self, id: u64, applied: u64, in_doubt: usize, now: u64) -> Grant {
+    /// The replica a member is bound to (0: none yet). PREPAREs name it.
+    pub fn bound_replica(&self, id: u64) -> u64 {
+        self.view.replicas.get(&id).copied().unwrap_or(0)
+    }
+
+    /// The replica that answered the last ping at participant `id`'s address.
+    pub fn replica_at_address(&self, id: u64) -> Option<u64> {
+        self.nodes.get(&id).and_then(|n| n.at_address)
+    }
+
+    /// Whether node `id`'s checking-in replica is the one answering at its
+    /// address and the one its membership is bound to.
+    fn trusted(&self, id: u64, now: u64) -> bool {
+        let Some(node) = self.nodes.get(&id) else { return false };
+        node.replica.is_some()
+            && node.replica == node.at_address
+            && fresh(node.last_ping_ok, now, self.config.detect_ms)
+            && self.view.replicas.get(&id).copied() == node.replica
+    }
+
+    /// A member whose address or check-ins show a replica other than the one
+    /// it is bound to: its bound replica is gone (or never answers).
+    fn replaced(&self, id: u64) -> bool {
+        let (Some(node), Some(bound)) = (self.nodes.get(&id), self.view.replicas.get(&id)) else { return false };
+        node.replica.is_some_and(|r| r != *bound) || node.at_address.is_some_and(|r| r != *bound)
+    }
+
+    /// A participant checked in as `replica`. Refused (`Err`, with what to
+    /// do) when another replica still answers at this participant's address:
+    /// two processes claim one id.
+    pub fn on_sync(&mut self, id: u64, replica: u64, applied: u64, in_doubt: usize, now: u64) -> Result<Grant, String> {
         let member = self.view.members.contains(&id);
-        let detect = self.config.detect_ms;
         let Some(node) = self.nodes.get_mut(&id) else {
-            return Grant { member: false, lease_ms: None, min_applied: 0 };
+            return Ok(Grant { member: false, lease_ms: None, min_applied: 0 });
         };
+        match node.at_address {
+            Some(at) if at != replica => {
+                let since = match node.claim {
+                    Some((r, since)) if r == replica => since,
+                    _ => {
+                        node.claim = Some((replica, now));
+                        now
+                    }
+                };
+                // A ping after the claim began still found the other one.
+                if node.last_ping_ok.is_some_and(|t| t > since) {
+                    return Err(format!(
+                        "participant {id} is already running at its address as replica {at:016x}; this process \
+                         (replica {replica:016x}) claims the same id: stop one of them (each participant needs its \
+                         own --id, address and certificate)"
+                    ));
+                }
+            }
+            // The claimant now answers at the address: no longer a claim.
+            _ if node.claim.is_some_and(|(r, _)| r == replica) => node.claim = None,
+            _ => {}
+        }
         node.last_sync = Some(now);
         node.applied = applied;
         node.in_doubt = in_doubt;
-        if node.suspected && fresh(node.last_ping_ok, now, detect) {
+        node.replica = Some(replica);
+        let trusted = self.trusted(id, now);
+        let node = self.nodes.get_mut(&id).expect("present");
+        if node.suspected && trusted {
             node.suspected = false;
         }
-        let lease = member && !node.suspected && applied >= node.join_index;
+        let lease = member && trusted && !node.suspected && applied >= node.join_index;
         if lease {
             node.lease_until = node.lease_until.max(now + self.config.lease_ms);
         }
-        Grant { member, lease_ms: lease.then_some(self.config.lease_ms), min_applied: node.join_index }
+        Ok(Grant { member, lease_ms: lease.then_some(self.config.lease_ms), min_applied: node.join_index })
     }
 
-    /// The coordinator's ping to a participant came back (`ok`) or failed.
-    pub fn on_ping(&mut self, id: u64, ok: bool, now: u64) {
-        if let Some(node) = self.nodes.get_mut(&id) {
-            if ok {
-                node.last_ping_ok = Some(now);
-            }
+    /// The coordinator's ping to a participant's address was answered by
+    /// `replica` (`None`: it failed).
+    pub fn on_ping(&mut self, id: u64, replica: Option<u64>, now: u64) {
+        if let (Some(node), Some(r)) = (self.nodes.get_mut(&id), replica) {
+            node.last_ping_ok = Some(now);
+            node.at_address = Some(r);
         }
     }
 
@@ -175,9 +258,11 @@ impl Membership {
     /// that are now safe and useful, at most one per call.
     pub fn tick(&mut self, now: u64, last_index: u64) -> Option<ViewChange> {
         let detect = self.config.detect_ms;
+        let replaced: Vec<u64> = self.nodes.keys().copied().filter(|id| self.replaced(*id)).collect();
         for (id, node) in self.nodes.iter_mut() {
             if self.view.members.contains(id)
-                && !(fresh(node.last_sync, now, detect) && fresh(node.last_ping_ok, now, detect))
+                && (!(fresh(node.last_sync, now, detect) && fresh(node.last_ping_ok, now, detect))
+                    || replaced.contains(id))
             {
                 node.suspected = true;
             }
@@ -193,12 +278,14 @@ impl Membership {
         if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
             return Some(ViewChange::Exclude(id));
         }
-        if !member
-            && fresh(node.last_sync, now, detect)
+        let reachable = fresh(node.last_sync, now, detect)
             && fresh(node.last_ping_ok, now, detect)
-            && node.in_doubt == 0
-            && node.applied + self.config.join_gap >= last_index
-        {
+            && node.replica.is_some()
+            && node.replica == node.at_address;
+        if member && reachable && !self.view.replicas.contains_key(&id) {
+            return Some(ViewChange::Bind(id));
+        }
+        if !member && reachable && node.in_doubt == 0 && node.applied + self.config.join_gap >= last_index {
             return Some(ViewChange::Admit(id));
         }
         None
@@ -214,24 +301,33 @@ impl Membership {
     /// the change is no longer due.
     pub fn apply(&mut self, change: ViewChange, last_index: u64, now: u64) -> Option<View> {
         let id = match change {
-            ViewChange::Exclude(id) | ViewChange::Admit(id) => id,
+            ViewChange::Exclude(id) | ViewChange::Admit(id) | ViewChange::Bind(id) => id,
         };
         if self.due(id, now, last_index) != Some(change) {
             return None;
         }
-        self.view.epoch += 1;
+        // Binding changes no membership: PREPAREs of the current epoch stay valid.
+        if !matches!(change, ViewChange::Bind(_)) {
+            self.view.epoch += 1;
+        }
+        let replica = self.nodes.get(&id).and_then(|n| n.replica);
         match change {
             ViewChange::Exclude(id) => {
                 self.view.members.remove(&id);
                 self.view.joined_at.remove(&id);
+                self.view.replicas.remove(&id);
             }
             ViewChange::Admit(id) => {
                 self.view.members.insert(id);
                 self.view.joined_at.insert(id, last_index);
+                self.view.replicas.insert(id, replica.expect("due only with a replica"));
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.join_index = last_index;
                     n.suspected = false;
                 }
+            }
+            ViewChange::Bind(id) => {
+                self.view.replicas.insert(id, replica.expect("due only with a replica"));
             }
         }
         Some(self.view.clone())
@@ -256,16 +352,31 @@ fn fresh(t: Option<u64>, now: u64, detect: u64) -> bool {
 mod tests {
     use super::*;
 
+    /// Replica (data dir) id of participant `id` in these tests.
+    fn r(id: u64) -> u64 {
+        100 + id
+    }
+
+    /// Five members bound to replicas `r(1)..=r(5)`.
     fn five(now: u64) -> Membership {
-        let view = View { epoch: 1, members: (1..=5).collect(), joined_at: BTreeMap::new() };
+        let mut view = View::initial(5);
+        view.replicas = (1..=5).map(|id| (id, r(id))).collect();
         Membership::new(view, 5, MembershipConfig::default(), now)
+    }
+
+    fn sync(m: &mut Membership, id: u64, applied: u64, in_doubt: usize, now: u64) -> Grant {
+        m.on_sync(id, r(id), applied, in_doubt, now).expect("not a duplicate")
+    }
+
+    fn ping(m: &mut Membership, id: u64, now: u64) {
+        m.on_ping(id, Some(r(id)), now);
     }
 
     fn heartbeat_all(m: &mut Membership, now: u64, except: &[u64]) {
         for id in 1..=5 {
             if !except.contains(&id) {
-                m.on_sync(id, 10, 0, now);
-                m.on_ping(id, true, now);
+                ping(m, id, now);
+                sync(m, id, 10, 0, now);
             }
         }
     }
@@ -299,34 +410,38 @@ mod tests {
         // Pings to node 2 fail for longer than the detection time.
         for id in 1..=5 {
             if id != 2 {
-                m.on_ping(id, true, 1500);
+                ping(&mut m, id, 1500);
             }
         }
         m.tick(1500, 0);
         assert!(m.is_suspected(2));
-        assert_eq!(m.on_sync(2, 0, 0, 1500).lease_ms, None, "asymmetric partition: check-ins alone do not renew");
+        assert_eq!(sync(&mut m, 2, 0, 0, 1500).lease_ms, None, "asymmetric partition: check-ins alone do not renew");
     }
 
     #[test]
     fn readmission_needs_both_directions_no_doubt_and_a_small_gap() {
-        let mut m = Membership::new(
-            View { epoch: 3, members: [1, 2, 4, 5].into(), joined_at: BTreeMap::new() },
-            5,
-            MembershipConfig::default(),
-            0,
-        );
-        m.on_sync(3, 0, 0, 100);
-        m.on_ping(3, true, 100);
+        let mut view = View::initial(5);
+        view.epoch = 3;
+        view.members.remove(&3);
+        view.replicas = [1, 2, 4, 5].into_iter().map(|id| (id, r(id))).collect();
+        let mut m = Membership::new(view, 5, MembershipConfig::default(), 0);
+        for id in [1, 2, 4, 5] {
+            ping(&mut m, id, 50);
+        }
+        sync(&mut m, 3, 0, 0, 100);
+        assert_eq!(m.tick(100, 1000), None, "pings have not reached it yet");
+        ping(&mut m, 3, 100);
         assert_eq!(m.tick(100, 1000), None, "1000 commits behind");
-        m.on_sync(3, 900, 1, 200);
+        sync(&mut m, 3, 900, 1, 200);
         assert_eq!(m.tick(200, 1000), None, "holds a transaction in doubt");
-        m.on_sync(3, 900, 0, 300);
+        sync(&mut m, 3, 900, 0, 300);
         assert_eq!(m.tick(300, 1000), Some(ViewChange::Admit(3)));
         m.apply(ViewChange::Admit(3), 1000, 300).expect("still due");
         assert_eq!(m.view().epoch, 4);
-        let g = m.on_sync(3, 950, 0, 400);
+        assert_eq!(m.bound_replica(3), r(3), "admitted as the replica at its address");
+        let g = sync(&mut m, 3, 950, 0, 400);
         assert_eq!((g.member, g.lease_ms, g.min_applied), (true, None, 1000), "no lease before the join index");
-        assert_eq!(m.on_sync(3, 1000, 0, 500).lease_ms, Some(2000));
+        assert_eq!(sync(&mut m, 3, 1000, 0, 500).lease_ms, Some(2000));
     }
 
     /// A node that checks in again between the exclusion being proposed and
@@ -348,8 +463,8 @@ mod tests {
         // Node 3 wakes up (a SIGSTOP ends) while the gate drains: pings and
         // a check-in arrive, and the check-in gets a lease.
         now += 50;
-        m.on_ping(3, true, now);
-        let grant = m.on_sync(3, 10, 0, now);
+        ping(&mut m, 3, now);
+        let grant = sync(&mut m, 3, 10, 0, now);
         assert_eq!(grant.lease_ms, Some(2000));
         assert_eq!(m.apply(change, 10, now), None, "excluded a node holding a fresh lease");
         assert!(m.view().members.contains(&3) && m.view().epoch == 1);
@@ -394,5 +509,65 @@ mod tests {
             now += 100;
         }
         assert!(now >= 10_000 + 2000 + 200, "excluded at {now}");
+    }
+
+    #[test]
+    fn a_new_cluster_binds_each_member_before_it_gets_a_lease() {
+        let mut m = Membership::new(View::initial(3), 3, MembershipConfig::default(), 0);
+        assert_eq!(m.on_sync(1, 501, 0, 0, 10).unwrap().lease_ms, None, "not bound yet");
+        m.on_ping(1, Some(501), 20);
+        assert_eq!(m.tick(30, 0), Some(ViewChange::Bind(1)));
+        m.apply(ViewChange::Bind(1), 0, 30).expect("still due");
+        assert_eq!(m.bound_replica(1), 501);
+        assert_eq!(m.on_sync(1, 501, 0, 0, 40).unwrap().lease_ms, Some(2000));
+    }
+
+    /// Row 5 of the hardening issue: a second process started as participant
+    /// 2 (its own data dir, another port) while participant 2 runs.
+    #[test]
+    fn a_second_process_claiming_a_live_id_is_refused_and_never_gets_a_lease() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        let dup = 999;
+        // Its first check-in waits for a ping to tell who is at the address.
+        let g = m.on_sync(2, dup, 10, 0, 10).expect("not yet known to be a duplicate");
+        assert_eq!(g.lease_ms, None);
+        // The real one keeps checking in meanwhile; that does not end the claim.
+        sync(&mut m, 2, 10, 0, 50);
+        ping(&mut m, 2, 100);
+        let e = m.on_sync(2, dup, 10, 0, 110).unwrap_err();
+        assert!(e.contains("already running") && e.contains("claims the same id"), "{e}");
+        // The real participant 2 keeps its lease and membership.
+        assert_eq!(sync(&mut m, 2, 10, 0, 120).lease_ms, Some(2000));
+        assert_eq!(m.tick(120, 10), None);
+    }
+
+    /// A member whose data dir was wiped comes back as a new replica at the
+    /// same address: it gets no lease as the old member, is excluded once
+    /// the old lease has run out, and is then admitted as itself.
+    #[test]
+    fn a_replaced_replica_is_excluded_then_admitted_as_itself() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        let fresh_dir = 777;
+        let mut now = 100;
+        let mut changes = vec![];
+        while now < 6000 && changes.len() < 2 {
+            heartbeat_all(&mut m, now, &[3]);
+            m.on_ping(3, Some(fresh_dir), now);
+            let g = m.on_sync(3, fresh_dir, 10, 0, now).expect("the old process is gone");
+            if m.view().members.contains(&3) {
+                assert_eq!(g.lease_ms, None, "a replaced member got a lease as the old replica");
+            }
+            if let Some(c) = m.tick(now, 10) {
+                m.apply(c, 10, now).expect("still due");
+                changes.push((c, now));
+            }
+            now += 100;
+        }
+        assert_eq!(changes[0].0, ViewChange::Exclude(3));
+        assert!(changes[0].1 >= 2000 + 200, "excluded before the old lease expired: {changes:?}");
+        assert_eq!(changes[1].0, ViewChange::Admit(3));
+        assert_eq!(m.bound_replica(3), fresh_dir);
     }
 }

@@ -15,8 +15,11 @@
 //!   [`ReplicaCore::next_apply`] hands out the contiguous run after the last
 //!   applied index, and [`ReplicaCore::applied`] is told when the I/O layer has
 //!   applied it (atomically with the applied index).
-//! * A decided transaction is never aborted; an abort of a decided
-//!   transaction is a broken invariant and panics.
+//! * A decided transaction is never aborted, and a transaction is decided at
+//!   one index only. Messages that would break this (an ABORT of a decided
+//!   transaction, a second index for one transaction, two transactions at
+//!   one index) come from outside and are refused with an error, changing
+//!   nothing; only this replica's own state being inconsistent panics.
 //!
 //! Time is an input: [`ReplicaCore::tick`] ages prepared transactions so the
 //! I/O layer can ask the coordinator about those in doubt for too long.
@@ -172,30 +175,40 @@ impl ReplicaCore {
     }
 
     /// Handles a COMMIT (`writes` is `None`) or a log entry fetched during
-    /// catch-up (`writes` is `Some`).
-    pub fn commit(&mut self, txn_id: TxnId, index: u64, writes: Option<Vec<Write>>) -> CommitStep {
+    /// catch-up (`writes` is `Some`). A COMMIT that contradicts one already
+    /// received is refused and changes nothing.
+    pub fn commit(&mut self, txn_id: TxnId, index: u64, writes: Option<Vec<Write>>) -> Result<CommitStep, Error> {
+        if index == 0 {
+            return Err(Error::Invalid(format!("COMMIT of {txn_id} at index 0: commit indexes start at 1")));
+        }
         if index <= self.handed_out {
-            return CommitStep::AlreadyApplied;
+            return Ok(CommitStep::AlreadyApplied);
         }
         if let Some((queued, _)) = self.queue.get(&index) {
-            assert_eq!(*queued, txn_id, "two transactions committed at index {index}");
-            return CommitStep::Queued;
+            if *queued != txn_id {
+                return Err(Error::Invalid(format!(
+                    "COMMIT of {txn_id} at index {index}, but {queued} was already committed at that index: refused"
+                )));
+            }
+            return Ok(CommitStep::Queued);
         }
         if let Some(p) = self.prepared.get_mut(&txn_id) {
             if let Some(prev) = p.decided {
-                assert_eq!(prev, index, "{txn_id:?} committed at two indexes");
+                return Err(Error::Invalid(format!(
+                    "COMMIT of {txn_id} at index {index}, but it was already committed at index {prev}: refused"
+                )));
             }
             p.decided = Some(index);
             self.queue.insert(index, (txn_id, None));
-            return CommitStep::Queued;
+            return Ok(CommitStep::Queued);
         }
-        match writes {
+        Ok(match writes {
             Some(w) => {
                 self.queue.insert(index, (txn_id, Some(w)));
                 CommitStep::Queued
             }
             None => CommitStep::Unknown,
-        }
+        })
     }
 
     /// The next contiguous run of commits to apply, in index order. The I/O
@@ -240,20 +253,24 @@ impl ReplicaCore {
         }
     }
 
-    /// Handles an ABORT of one attempt (`attempt: Some`) or an abort outcome
-    /// learned from the coordinator for the attempt we asked about. Returns
-    /// true if a prepared record must be deleted from the WAL.
-    pub fn abort(&mut self, txn_id: TxnId, attempt: u64) -> bool {
-        let matches = self.prepared.get(&txn_id).is_some_and(|p| p.attempt == attempt);
-        if !matches {
+    /// Handles an ABORT of one attempt, or an abort outcome learned from the
+    /// coordinator for the attempt we asked about. Returns true if a prepared
+    /// record must be deleted from the WAL. An abort of a transaction already
+    /// committed here is refused and changes nothing.
+    pub fn abort(&mut self, txn_id: TxnId, attempt: u64) -> Result<bool, Error> {
+        let Some(p) = self.prepared.get(&txn_id).filter(|p| p.attempt == attempt) else {
             self.remember_abort(txn_id, attempt);
-            return false;
+            return Ok(false);
+        };
+        if let Some(index) = p.decided {
+            return Err(Error::Invalid(format!(
+                "ABORT of {txn_id}, which was committed at index {index}: refused (a decision is final)"
+            )));
         }
         let p = self.prepared.remove(&txn_id).expect("checked above");
-        assert!(p.decided.is_none(), "abort of {txn_id:?}, which committed at {:?}", p.decided);
         self.unlock(txn_id, &p.keys);
         self.remember_abort(txn_id, attempt);
-        true
+        Ok(true)
     }
 
     fn remember_abort(&mut self, txn_id: TxnId, attempt: u64) {

@@ -329,7 +329,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
         let mut eps = endpoints.clone();
         let len = eps.len();
         eps.rotate_left(id % len);
-        let client = Client::new(eps).with_timeout(Duration::from_secs(10));
+        let client = cluster.client_with(eps);
         clients.push(tokio::spawn(client_loop(id, client, cfg.groups, cfg.seed, clock, stop.clone())));
     }
     let until = Instant::now() + cfg.duration;

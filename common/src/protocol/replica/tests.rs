@@ -70,12 +70,12 @@ fn prepare_then_commit_applies_and_unlocks() {
     let t = txn(1, vec![Condition::Missing(k("a"))], vec![put("a", "1")]);
     assert!(matches!(s.prepare(&t, 1), PrepareStep::Persist(_)));
     assert_eq!(s.core.holder(b"a"), Some(TxnId(1)));
-    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::Queued);
+    assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::Queued);
     s.apply_ready();
     assert_eq!(s.data[&k("a")], Versioned { value: b"1".to_vec(), version: 1 });
     assert_eq!(s.core.holder(b"a"), None);
     assert!(s.wal.is_empty());
-    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::AlreadyApplied, "duplicate COMMIT");
+    assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::AlreadyApplied, "duplicate COMMIT");
 }
 
 #[test]
@@ -97,7 +97,7 @@ fn conflicting_prepare_blocks_until_the_holder_applies_then_sees_its_write() {
     let t2 = txn(2, vec![Condition::ValueEquals(k("a"), b"1".to_vec())], vec![put("a", "2")]);
     assert!(matches!(s.prepare(&t1, 1), PrepareStep::Persist(_)));
     assert_eq!(s.prepare(&t2, 1), PrepareStep::Blocked(TxnId(1)));
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.apply_ready();
     assert!(matches!(s.prepare(&t2, 1), PrepareStep::Persist(_)), "judged against applied state");
 }
@@ -109,11 +109,11 @@ fn commits_apply_in_index_order_whatever_order_they_arrive() {
     let t2 = txn(2, vec![], vec![put("b", "2")]);
     s.prepare(&t1, 1);
     s.prepare(&t2, 1);
-    assert_eq!(s.core.commit(TxnId(2), 2, None), CommitStep::Queued);
+    assert_eq!(s.core.commit(TxnId(2), 2, None).unwrap(), CommitStep::Queued);
     s.apply_ready();
     assert!(s.data.is_empty(), "index 2 must wait for index 1");
     assert_eq!(s.core.queued(), 1);
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.apply_ready();
     assert_eq!(s.core.applied_index(), 2);
     assert_eq!(s.data.len(), 2);
@@ -124,11 +124,11 @@ fn abort_releases_locks_and_a_late_prepare_of_that_attempt_votes_no() {
     let mut s = Sim::default();
     let t1 = txn(1, vec![], vec![put("a", "1")]);
     s.prepare(&t1, 7);
-    assert!(s.core.abort(TxnId(1), 7));
+    assert!(s.core.abort(TxnId(1), 7).unwrap());
     assert_eq!(s.core.holder(b"a"), None);
     // ABORT overtaking its PREPARE: the PREPARE must not lock anything.
     let t2 = txn(2, vec![], vec![put("a", "2")]);
-    assert!(!s.core.abort(TxnId(2), 3));
+    assert!(!s.core.abort(TxnId(2), 3).unwrap());
     assert!(matches!(s.prepare(&t2, 3), PrepareStep::VoteNo(_)));
     assert_eq!(s.core.holder(b"a"), None);
     // A retry of the same transaction id is a new attempt and may prepare.
@@ -141,24 +141,41 @@ fn an_abort_for_an_older_attempt_does_not_undo_a_retry() {
     let t = txn(1, vec![], vec![put("a", "1")]);
     s.prepare(&t, 1);
     assert_eq!(s.prepare(&t, 2), PrepareStep::AlreadyPrepared);
-    assert!(!s.core.abort(TxnId(1), 1));
+    assert!(!s.core.abort(TxnId(1), 1).unwrap());
     assert_eq!(s.core.holder(b"a"), Some(TxnId(1)));
 }
 
 #[test]
-#[should_panic(expected = "which committed at")]
-fn aborting_a_committed_transaction_is_a_broken_invariant() {
+fn contradicting_messages_are_refused_and_change_nothing() {
     let mut s = Sim::default();
     s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
-    s.core.commit(TxnId(1), 1, None);
-    s.core.abort(TxnId(1), 1);
+    s.prepare(&txn(2, vec![], vec![put("b", "2")]), 1);
+    s.core.commit(TxnId(1), 5, None).unwrap();
+    // An abort of a committed transaction: refused, still committed.
+    let e = s.core.abort(TxnId(1), 1).unwrap_err().to_string();
+    assert!(e.contains("committed at index 5"), "{e}");
+    // A second index for the same transaction, a second transaction at one index.
+    assert!(s.core.commit(TxnId(1), 1005, None).unwrap_err().to_string().contains("already committed at index 5"));
+    assert!(s.core.commit(TxnId(2), 5, None).unwrap_err().to_string().contains("already committed at that index"));
+    assert!(s.core.commit(TxnId(2), 0, None).is_err());
+    // The real history still applies.
+    for i in 1..5 {
+        s.core.commit(TxnId(100 + i as u128), i, Some(vec![put("x", "x")])).unwrap();
+    }
+    s.apply_ready();
+    assert_eq!(s.data[&k("a")].version, 5);
+    assert_eq!(s.core.holder(b"b"), Some(TxnId(2)));
+    s.core.commit(TxnId(2), 6, None).unwrap();
+    s.apply_ready();
+    assert_eq!(s.core.applied_index(), 6);
+    assert_eq!(s.core.prepared_count(), 0);
 }
 
 #[test]
 fn commit_of_an_unknown_transaction_asks_for_the_log() {
     let mut s = Sim::default();
-    assert_eq!(s.core.commit(TxnId(9), 1, None), CommitStep::Unknown);
-    assert_eq!(s.core.commit(TxnId(9), 1, Some(vec![put("z", "9")])), CommitStep::Queued);
+    assert_eq!(s.core.commit(TxnId(9), 1, None).unwrap(), CommitStep::Unknown);
+    assert_eq!(s.core.commit(TxnId(9), 1, Some(vec![put("z", "9")])).unwrap(), CommitStep::Queued);
     s.apply_ready();
     assert_eq!(s.data[&k("z")].version, 1);
 }
@@ -172,7 +189,7 @@ fn crash_after_prepare_durable_keeps_locks_until_the_outcome_is_known() {
     assert_eq!(s.core.in_doubt(1), vec![], "too young to ask about");
     s.core.tick();
     assert_eq!(s.core.in_doubt(1), vec![(TxnId(1), 1)]);
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.apply_ready();
     assert_eq!(s.data[&k("a")].value, b"1");
 }
@@ -181,11 +198,11 @@ fn crash_after_prepare_durable_keeps_locks_until_the_outcome_is_known() {
 fn crash_between_commit_arrival_and_apply_reapplies_from_the_wal() {
     let mut s = Sim::default();
     s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.crash_and_recover(); // the COMMIT was only in memory
     assert_eq!(s.core.applied_index(), 0);
     assert_eq!(s.core.in_doubt(0), vec![(TxnId(1), 1)], "asks the coordinator again");
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.apply_ready();
     assert_eq!(s.core.applied_index(), 1);
 }
@@ -194,10 +211,10 @@ fn crash_between_commit_arrival_and_apply_reapplies_from_the_wal() {
 fn crash_after_apply_does_not_apply_twice() {
     let mut s = Sim::default();
     s.prepare(&txn(1, vec![], vec![put("a", "1")]), 1);
-    s.core.commit(TxnId(1), 1, None);
+    s.core.commit(TxnId(1), 1, None).unwrap();
     s.apply_ready();
     s.crash_and_recover();
-    assert_eq!(s.core.commit(TxnId(1), 1, None), CommitStep::AlreadyApplied);
+    assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::AlreadyApplied);
     assert_eq!(s.core.prepared_count(), 0);
 }
 
@@ -274,7 +291,7 @@ proptest! {
                             prop_assert!(!undelivered[r].is_empty(), "blocked with nothing to deliver");
                             let j = rand(undelivered[r].len());
                             let (id, idx) = undelivered[r].remove(j);
-                            replicas[r].core.commit(id, idx, None);
+                            replicas[r].core.commit(id, idx, None).unwrap();
                             replicas[r].apply_ready();
                         }
                         PrepareStep::Persist(_) | PrepareStep::AlreadyPrepared => { votes.push(true); break; }
@@ -312,7 +329,7 @@ proptest! {
             while !undelivered[r].is_empty() {
                 let j = rand(undelivered[r].len());
                 let (id, idx) = undelivered[r].remove(j);
-                replicas[r].core.commit(id, idx, None);
+                replicas[r].core.commit(id, idx, None).unwrap();
                 replicas[r].apply_ready();
             }
             prop_assert_eq!(&replicas[r].data, &model, "replica {} diverged", r);
@@ -346,4 +363,93 @@ fn model_log(txns: &[Vec<Op>]) -> BTreeMap<u64, TxnId> {
         }
     }
     log
+}
+
+// ---- hostile inputs: whatever arrives, the replica neither panics nor breaks ----
+
+#[derive(Clone, Debug)]
+enum Msg {
+    Prepare { id: u8, attempt: u8, ops: Vec<Op> },
+    Commit { id: u8, index: u64, with_writes: bool },
+    Abort { id: u8, attempt: u8 },
+    Apply,
+    Tick,
+    Crash,
+}
+
+fn msg() -> impl Strategy<Value = Msg> {
+    prop_oneof![
+        (0u8..6, 0u8..3, proptest::collection::vec(op(), 1..4)).prop_map(|(id, attempt, ops)| Msg::Prepare {
+            id,
+            attempt,
+            ops
+        }),
+        (0u8..6, prop_oneof![0u64..8, Just(u64::MAX), 1000u64..1010], any::<bool>())
+            .prop_map(|(id, index, with_writes)| Msg::Commit { id, index, with_writes }),
+        (0u8..6, 0u8..3).prop_map(|(id, attempt)| Msg::Abort { id, attempt }),
+        Just(Msg::Apply),
+        Just(Msg::Tick),
+        Just(Msg::Crash),
+    ]
+}
+
+impl Sim {
+    /// The invariants that must hold whatever messages arrived.
+    fn check(&self, applied_before: u64) {
+        let core = &self.core;
+        assert!(core.applied_index >= applied_before, "applied index went back");
+        assert!(core.handed_out >= core.applied_index);
+        for (key, holder) in &core.locks {
+            let p = core.prepared.get(holder).unwrap_or_else(|| panic!("lock on {key:?} held by a stranger"));
+            assert!(p.keys.contains(key));
+        }
+        for (id, p) in &core.prepared {
+            for key in &p.keys {
+                assert_eq!(core.locks.get(key), Some(id), "prepared key not locked by its holder");
+            }
+            if let Some(i) = p.decided {
+                let queued = core.queue.get(&i).is_some_and(|(t, _)| t == id);
+                assert!(queued || core.applying.get(&i) == Some(id), "decided but neither queued nor applying");
+            }
+        }
+        for (index, (id, writes)) in &core.queue {
+            assert!(*index > core.handed_out);
+            assert!(writes.is_some() || core.prepared.contains_key(id), "queued commit without its writes");
+        }
+        assert_eq!(self.wal.len(), core.prepared.len(), "WAL and memory disagree on what is prepared");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+    /// Random and hostile message sequences (commits at indexes nobody
+    /// decided, aborts of committed transactions, duplicates, crashes in
+    /// between): the replica answers each with a step or an error, never
+    /// panics, and keeps its invariants.
+    #[test]
+    fn hostile_message_sequences_never_break_a_replica(msgs in proptest::collection::vec(msg(), 1..60)) {
+        let mut s = Sim::default();
+        for m in msgs {
+            let before = s.core.applied_index();
+            match m {
+                Msg::Prepare { id, attempt, ops } => {
+                    let t = build(id as u128, &ops);
+                    s.prepare(&t, attempt as u64);
+                }
+                Msg::Commit { id, index, with_writes } => {
+                    let writes = with_writes.then(|| vec![Write::Put(vec![id], vec![0])]);
+                    let _ = s.core.commit(TxnId(id as u128), index, writes);
+                }
+                Msg::Abort { id, attempt } => {
+                    if let Ok(true) = s.core.abort(TxnId(id as u128), attempt as u64) {
+                        s.wal.remove(&TxnId(id as u128));
+                    }
+                }
+                Msg::Apply => s.apply_ready(),
+                Msg::Tick => s.core.tick(),
+                Msg::Crash => s.crash_and_recover(),
+            }
+            s.check(before);
+        }
+    }
 }

@@ -1,0 +1,75 @@
+//! Flags every server shares: how it secures its connections.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+
+use crate::net::DEFAULT_MAX_CONNECTIONS;
+use crate::tls::{Identity, Security};
+
+/// TLS credentials and connection limits of a server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SecurityArgs {
+    /// Directory with the cluster's `ca.pem` and this node's certificate and
+    /// key (`treaty certs create DIR --participants N` makes them).
+    #[arg(long, env = "TREATY_CERTS", value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Run without TLS or authentication (plaintext; anyone who reaches the
+    /// port may do anything). Only for tests and measurements on loopback:
+    /// refused on any other listen address.
+    #[arg(long, env = "TREATY_INSECURE", conflicts_with = "certs")]
+    pub insecure: bool,
+    /// Most connections this node accepts at once (further ones are refused
+    /// with a message); lowered to fit the file-descriptor limit.
+    #[arg(long, env = "TREATY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// A frame (one request) must arrive whole within this many ms of its
+    /// first byte, or the connection is closed; raise it only for very slow links.
+    #[arg(long, env = "TREATY_FRAME_TIMEOUT_MS", default_value_t = crate::net::FRAME_TIMEOUT.as_millis() as u64)]
+    pub frame_timeout_ms: u64,
+}
+
+/// Whether every address `listen` resolves to is a loopback address.
+pub fn is_loopback(listen: &str) -> bool {
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+impl SecurityArgs {
+    /// The security a server listening on `listen` as `me` runs with. On a
+    /// mistake, prints what to do (prefixed with `program`) and returns the
+    /// exit status (2).
+    pub fn server_security(&self, program: &str, listen: &str, me: Identity) -> Result<Security, i32> {
+        if self.insecure {
+            if !is_loopback(listen) {
+                eprintln!(
+                    "{program}: --insecure is refused on {listen}, which is not a loopback address: without TLS \
+                     anyone who can reach the port could read and change data or act as a node. Pass --certs DIR \
+                     instead (`treaty certs create DIR --participants N` makes them)"
+                );
+                return Err(2);
+            }
+            eprintln!(
+                "{program}: WARNING: running without TLS or authentication (--insecure): for tests and \
+                 measurements only"
+            );
+            tracing::warn!("running without TLS or authentication (--insecure)");
+            return Ok(Security::Insecure);
+        }
+        let Some(dir) = &self.certs else {
+            eprintln!(
+                "{program}: no TLS credentials: pass --certs DIR (TREATY_CERTS) pointing at the directory \
+                 `treaty certs create DIR --participants N` made, or --insecure on a loopback address for local tests"
+            );
+            return Err(2);
+        };
+        Security::tls(dir, me).map_err(|e| {
+            eprintln!("{program}: {e}");
+            2
+        })
+    }
+}

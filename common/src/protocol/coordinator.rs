@@ -1,0 +1,780 @@
+//! The coordinator's 2PC protocol as a pure state machine.
+//!
+//! The I/O layer (`treaty-coordinator`) feeds [`CoordinatorCore`] inputs, each
+//! with the current time in milliseconds, and then carries out the
+//! [`Action`]s it takes from [`CoordinatorCore::take_actions`]:
+//!
+//! | input | when |
+//! |-------|------|
+//! | [`submit`](CoordinatorCore::submit) | a client (or participant) submits a transaction not yet decided |
+//! | [`prepared`](CoordinatorCore::prepared) | a PREPARE batch was answered, or failed |
+//! | [`persisted`](CoordinatorCore::persisted) | the last [`Action::Persist`] is durable |
+//! | [`view_persisted`](CoordinatorCore::view_persisted) | the last [`Action::PersistView`] is durable |
+//! | [`tick`](CoordinatorCore::tick) | time passed (every 100 ms or so) |
+//! | [`on_sync`](CoordinatorCore::on_sync), [`on_ping`](CoordinatorCore::on_ping) | a participant checked in, a ping came back |
+//!
+//! ## The write path
+//! A submitted transaction takes its key locks (FIFO per key, in key order,
+//! [`LockTable`]), then joins the *outbox* of every member of the view. Each
+//! participant has at most [`CoreConfig::max_in_flight`] PREPARE batches
+//! outstanding; whatever accumulates meanwhile leaves as the next batch, so
+//! under load one message (one WAL write, one sync on the participant)
+//! carries many transactions. When every member has voted YES the
+//! transaction gets the next commit index and joins the next
+//! [`Action::Persist`] (one durable write for all decisions ready then).
+//!
+//! ## Invariants
+//! * **Persist before you speak.** A commit is told to anyone (the client's
+//!   [`Action::Reply`], the participants' [`Action::Decide`]) only from
+//!   [`CoordinatorCore::persisted`], for indexes the I/O layer has made
+//!   durable; so is a failed condition's answer (a resubmission must get
+//!   the same one after a crash). Aborts after failures are presumed and
+//!   leave at once.
+//! * One [`Action::Persist`] is outstanding at a time, and indexes are
+//!   assigned without gaps in the order decisions are made.
+//! * Key locks are released when the decision is durable (or the
+//!   transaction gave up); conflicting transactions therefore reach the
+//!   participants in decision order.
+//! * **Views change with nothing in flight.** A proposed view change stops
+//!   new PREPAREs; it is applied once no transaction is preparing or
+//!   deciding, made durable ([`Action::PersistView`]), and only then do
+//!   parked transactions prepare under the new view.
+//! * **Fencing.** After a start nothing is decided until `verify_quorum`
+//!   participants checked in without showing that this coordinator's data
+//!   is behind the cluster's; if one does, the coordinator is fenced for
+//!   good (see [`CoordinatorCore::on_sync`]).
+//!
+//! Time is an input and attempts are numbered from the incarnation, so every
+//! run is reproducible (see the simulation test in `tests`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::protocol::{Grant, LockTable, Membership, View, ViewChange};
+use crate::rpc::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
+use crate::types::{Committed, Txn, TxnId, Write};
+
+/// Timing and size limits of the core (milliseconds and counts).
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// A PREPARE batch unanswered this long counts as failed.
+    pub prepare_timeout_ms: u64,
+    /// Longest wait for key locks before answering "conflict".
+    pub lock_timeout_ms: u64,
+    /// After a transient failure (a member unreachable), retry this soon,
+    /// or at once when the view changes.
+    pub retry_ms: u64,
+    /// PREPARE batches outstanding per participant.
+    pub max_in_flight: usize,
+    /// Most transactions in one PREPARE batch.
+    pub max_batch: usize,
+    /// Check-ins needed after a start before deciding anything.
+    pub verify_quorum: usize,
+}
+
+impl CoreConfig {
+    /// Defaults for a cluster of `n` participants needing `min_replicas`.
+    pub fn new(n: usize, min_replicas: usize) -> Self {
+        CoreConfig {
+            prepare_timeout_ms: 3000,
+            lock_timeout_ms: 8000,
+            retry_ms: 250,
+            max_in_flight: 1,
+            max_batch: 1024,
+            verify_quorum: (n + 1).saturating_sub(min_replicas).max(1),
+        }
+    }
+}
+
+/// A batch of decisions to make durable: commits with their writes, and
+/// failed conditions with their reason.
+pub type Decisions = (Vec<LogEntry>, Vec<(TxnId, String)>);
+
+/// Outcomes for one participant: commits as (txn, index), aborts as (txn, attempt).
+pub type Outcomes = (u64, Vec<(TxnId, u64)>, Vec<(TxnId, u64)>);
+
+/// What the I/O layer must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send one PREPARE batch to participant `to`, then report the answer
+    /// (one vote per item, in order) or the failure through
+    /// [`CoordinatorCore::prepared`] with the same `batch`.
+    Prepare { to: u64, batch: u64, epoch: u64, replica: u64, min_applied: u64, items: Vec<PrepareItem> },
+    /// Write these decisions (commits with their writes, and failed
+    /// conditions with their reason), make them durable, then call
+    /// [`CoordinatorCore::persisted`].
+    Persist { commits: Vec<LogEntry>, aborts: Vec<(TxnId, String)> },
+    /// Tell participant `to` these outcomes; fire and forget (a participant
+    /// that misses them asks on its next check-in).
+    Decide { to: u64, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)> },
+    /// Answer everyone waiting for transaction `txn`.
+    Reply { txn: TxnId, result: Result<Committed, Error> },
+    /// Make this view durable, then call [`CoordinatorCore::view_persisted`].
+    PersistView(View),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Queued for its key locks since `since`.
+    Locking { since: u64 },
+    /// Parked until the start's verification or a view change is done.
+    Parked,
+    /// PREPAREs of `attempt` sent to `members` (under `epoch`).
+    Preparing { attempt: u64, members: BTreeSet<u64>, votes: BTreeMap<u64, Result<Vote, Error>> },
+    /// A transient failure; prepare again at `at` (or on a view change).
+    Retrying { at: u64, errors: Vec<Error> },
+    /// Decided; waiting for the decision to be durable.
+    Deciding,
+}
+
+#[derive(Debug)]
+enum Decided {
+    Commit { index: u64, members: BTreeSet<u64> },
+    ConditionFailed(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    txn: Arc<Txn>,
+    state: State,
+    /// When it was submitted: transient failures are retried until
+    /// `started + stall_budget`.
+    started: u64,
+}
+
+/// Fencing state (see the module docs).
+#[derive(Debug, Default)]
+struct Fence {
+    fenced: Option<String>,
+    verified: BTreeSet<u64>,
+}
+
+/// A pending decision in the persist queue.
+#[derive(Debug)]
+struct Pending {
+    txn: TxnId,
+    decision: Decided,
+}
+
+#[derive(Debug)]
+pub struct CoordinatorCore {
+    config: CoreConfig,
+    incarnation: Incarnation,
+    /// Every incarnation this data has run as (generation -> nonce).
+    history: BTreeMap<u64, u64>,
+    membership: Membership,
+    locks: LockTable,
+    txns: BTreeMap<TxnId, Entry>,
+    /// Transactions waiting to be prepared (verification, view change).
+    parked: VecDeque<TxnId>,
+    next_attempt: u64,
+    next_batch: u64,
+    /// Per participant: items waiting to leave, and batches outstanding
+    /// (batch id -> (sent at, txns)).
+    outbox: BTreeMap<u64, Vec<PrepareItem>>,
+    outstanding: BTreeMap<u64, BTreeMap<u64, (u64, Vec<TxnId>)>>,
+    /// Highest durable commit index.
+    durable: u64,
+    /// Highest assigned commit index (durable or being made durable).
+    assigned: u64,
+    /// Decided, not yet handed out for persisting.
+    to_persist: Vec<Pending>,
+    /// Handed out in the outstanding [`Action::Persist`].
+    persisting: Vec<Pending>,
+    /// A view change waiting for in-flight transactions to finish.
+    view_change: Option<ViewChange>,
+    view_persisting: bool,
+    fence: Fence,
+    actions: Vec<Action>,
+}
+
+/// The longest a transaction keeps retrying after transient failures: a
+/// dead member stalls writes at most until it is excluded (detection plus
+/// its lease plus margin), then they resume.
+fn stall_budget(m: &Membership) -> u64 {
+    let c = m.config();
+    c.detect_ms + c.lease_ms + c.drift_margin_ms + 1500
+}
+
+impl CoordinatorCore {
+    /// A core for a coordinator that starts as `incarnation` over durable
+    /// state: the last commit index in its log, its view and its history.
+    pub fn new(
+        config: CoreConfig,
+        incarnation: Incarnation,
+        history: BTreeMap<u64, u64>,
+        membership: Membership,
+        last_index: u64,
+    ) -> Self {
+        CoordinatorCore {
+            config,
+            next_attempt: incarnation.generation << 32,
+            incarnation,
+            history,
+            membership,
+            locks: LockTable::new(),
+            txns: BTreeMap::new(),
+            parked: VecDeque::new(),
+            next_batch: 1,
+            outbox: BTreeMap::new(),
+            outstanding: BTreeMap::new(),
+            durable: last_index,
+            assigned: last_index,
+            to_persist: Vec::new(),
+            persisting: Vec::new(),
+            view_change: None,
+            view_persisting: false,
+            fence: Fence::default(),
+            actions: Vec::new(),
+        }
+    }
+
+    /// The actions the inputs so far asked for, in order, with the
+    /// outcomes for one participant merged into one [`Action::Decide`].
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        let mut out: Vec<Action> = Vec::with_capacity(self.actions.len());
+        let mut decide_at: BTreeMap<u64, usize> = BTreeMap::new();
+        for a in self.actions.drain(..) {
+            match a {
+                Action::Decide { to, commits, aborts } => match decide_at.get(&to) {
+                    Some(&i) => {
+                        if let Action::Decide { commits: c, aborts: ab, .. } = &mut out[i] {
+                            c.extend(commits);
+                            ab.extend(aborts);
+                        }
+                    }
+                    None => {
+                        decide_at.insert(to, out.len());
+                        out.push(Action::Decide { to, commits, aborts });
+                    }
+                },
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Highest durable commit index.
+    pub fn last_index(&self) -> u64 {
+        self.durable
+    }
+
+    /// Whether the transaction is running here (submitted, not answered).
+    pub fn is_running(&self, txn: TxnId) -> bool {
+        self.txns.contains_key(&txn)
+    }
+
+    /// Transactions running.
+    pub fn running(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// Why this coordinator refuses to decide: fenced, or still verifying
+    /// after a start (`Ok(false)`); `Ok(true)` when it may decide.
+    pub fn check_fence(&self) -> Result<bool, Error> {
+        if let Some(why) = &self.fence.fenced {
+            return Err(Error::Fenced(why.clone()));
+        }
+        Ok(self.fence.verified.len() >= self.config.verify_quorum)
+    }
+
+    /// The status line of the fence: why it is fenced, or how far its
+    /// verification after a start has come; `None` when neither applies.
+    pub fn fence_status(&self) -> Option<String> {
+        self.fence.fenced.clone().or_else(|| {
+            (self.fence.verified.len() < self.config.verify_quorum).then(|| {
+                format!(
+                    "verifying its log after a start: heard from {} of the {} participants it needs",
+                    self.fence.verified.len(),
+                    self.config.verify_quorum
+                )
+            })
+        })
+    }
+
+    /// What to answer about a transaction that has no durable decision in
+    /// the log (the I/O layer checks the log first).
+    pub fn outcome_without_record(&self, txn: TxnId) -> Result<Outcome, Error> {
+        let verified = self.check_fence()?;
+        Ok(if self.txns.contains_key(&txn) || !verified { Outcome::Pending } else { Outcome::Aborted })
+    }
+
+    // -----------------------------------------------------------------
+    // Submitting and preparing
+
+    /// A transaction to run. The I/O layer has validated it and checked
+    /// that no durable decision exists for its id; a second submission of
+    /// an id still running joins the first (one [`Action::Reply`] answers
+    /// every waiter).
+    pub fn submit(&mut self, txn: Txn, now: u64) {
+        if self.txns.contains_key(&txn.id) {
+            return;
+        }
+        if let Err(e) = self.check_fence() {
+            self.actions.push(Action::Reply { txn: txn.id, result: Err(e) });
+            return;
+        }
+        let id = txn.id;
+        let keys = txn.keys();
+        self.txns.insert(id, Entry { txn: Arc::new(txn), state: State::Locking { since: now }, started: now });
+        if self.locks.acquire(id, keys) {
+            self.locked(id, now);
+        }
+    }
+
+    /// `id` holds all its keys: prepare it, or park it if the start's
+    /// verification or a view change is in progress.
+    fn locked(&mut self, id: TxnId, now: u64) {
+        let verified = self.fence.verified.len() >= self.config.verify_quorum;
+        if !verified || self.view_change.is_some() || self.view_persisting {
+            if let Some(e) = self.txns.get_mut(&id) {
+                e.state = State::Parked;
+            }
+            self.parked.push_back(id);
+            return;
+        }
+        self.start_prepare(id, now);
+    }
+
+    fn start_prepare(&mut self, id: TxnId, now: u64) {
+        if let Err(why) = self.membership.check_writable() {
+            self.finish(id, Err(Error::Unavailable(why)), now);
+            return;
+        }
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let members: BTreeSet<u64> = self.membership.view().members.clone();
+        let Some(entry) = self.txns.get_mut(&id) else { return };
+        for m in &members {
+            self.outbox.entry(*m).or_default().push(PrepareItem { attempt, txn: entry.txn.clone() });
+        }
+        entry.state = State::Preparing { attempt, members, votes: BTreeMap::new() };
+        self.flush(now);
+    }
+
+    /// Sends what waits in the outboxes, as far as the in-flight limit allows.
+    fn flush(&mut self, now: u64) {
+        let epoch = self.membership.view().epoch;
+        let ids: Vec<u64> = self.outbox.keys().copied().collect();
+        for to in ids {
+            loop {
+                let outstanding = self.outstanding.get(&to).map_or(0, |o| o.len());
+                let queue = self.outbox.get_mut(&to).expect("listed");
+                if queue.is_empty() || outstanding >= self.config.max_in_flight {
+                    break;
+                }
+                let take = queue.len().min(self.config.max_batch);
+                let items: Vec<PrepareItem> = queue.drain(..take).collect();
+                let batch = self.next_batch;
+                self.next_batch += 1;
+                self.outstanding.entry(to).or_default().insert(batch, (now, items.iter().map(|i| i.txn.id).collect()));
+                self.actions.push(Action::Prepare {
+                    to,
+                    batch,
+                    epoch,
+                    replica: self.membership.bound_replica(to),
+                    min_applied: self.membership.min_applied(to),
+                    items,
+                });
+            }
+        }
+    }
+
+    /// Participant `from` answered PREPARE batch `batch`: one vote per item,
+    /// in order, or an error for the whole batch.
+    pub fn prepared(&mut self, from: u64, batch: u64, answer: Result<Vec<Result<Vote, Error>>, Error>, now: u64) {
+        let Some((_, txns)) = self.outstanding.get_mut(&from).and_then(|o| o.remove(&batch)) else {
+            return; // timed out already
+        };
+        let votes: Vec<Result<Vote, Error>> = match answer {
+            Ok(v) if v.len() == txns.len() => v,
+            Ok(v) => {
+                let e = Error::Unavailable(format!(
+                    "participant {from} answered {} votes for {} transactions",
+                    v.len(),
+                    txns.len()
+                ));
+                vec![Err(e); txns.len()]
+            }
+            Err(e) => vec![Err(e); txns.len()],
+        };
+        for (id, vote) in txns.into_iter().zip(votes) {
+            self.vote(id, from, vote, now);
+        }
+        self.flush(now);
+        self.maybe_persist();
+    }
+
+    fn vote(&mut self, id: TxnId, from: u64, vote: Result<Vote, Error>, now: u64) {
+        let Some(entry) = self.txns.get_mut(&id) else { return };
+        let State::Preparing { members, votes, .. } = &mut entry.state else { return };
+        if !members.contains(&from) {
+            return;
+        }
+        votes.insert(from, vote);
+        if votes.len() == members.len() {
+            self.tally(id, now);
+        }
+    }
+
+    /// Every member voted: decide, retry, or give up.
+    fn tally(&mut self, id: TxnId, now: u64) {
+        let budget = stall_budget(&self.membership);
+        let entry = self.txns.get_mut(&id).expect("tallied txn exists");
+        let State::Preparing { attempt, members, votes } = std::mem::replace(&mut entry.state, State::Parked) else {
+            unreachable!("tally only while preparing")
+        };
+        let yes = votes.values().filter(|v| matches!(v, Ok(Vote::Yes))).count();
+        if yes == members.len() {
+            self.assigned += 1;
+            let decision = Decided::Commit { index: self.assigned, members };
+            entry.state = State::Deciding;
+            self.to_persist.push(Pending { txn: id, decision });
+            return;
+        }
+        // Not unanimous: this attempt is over on every member.
+        for m in &members {
+            self.actions.push(Action::Decide { to: *m, commits: vec![], aborts: vec![(id, attempt)] });
+        }
+        let mut no_reason = None;
+        let mut failures = Vec::new();
+        for v in votes.into_values() {
+            match v {
+                Ok(Vote::Yes) => {}
+                Ok(Vote::No(reason)) => {
+                    no_reason.get_or_insert(reason);
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        if let Some(reason) = no_reason.clone() {
+            if failures.is_empty() {
+                // Durable before the answer: a resubmission must get it too.
+                entry.state = State::Deciding;
+                self.to_persist.push(Pending { txn: id, decision: Decided::ConditionFailed(reason) });
+                return;
+            }
+        }
+        let transient =
+            failures.iter().all(|e| matches!(e, Error::Unavailable(_) | Error::NotReady(_) | Error::Conflict(_)));
+        if transient && now < entry.started + budget {
+            entry.state = State::Retrying { at: now + self.config.retry_ms, errors: failures };
+            return;
+        }
+        // Report unavailability first: it names the node to fix.
+        failures.sort_by_key(|e| !matches!(e, Error::Unavailable(_)));
+        self.finish(id, Err(merge_errors(failures)), now);
+    }
+
+    /// Hands the next batch of decisions to the I/O layer, one at a time.
+    fn maybe_persist(&mut self) {
+        if !self.persisting.is_empty() || self.to_persist.is_empty() {
+            return;
+        }
+        self.persisting = std::mem::take(&mut self.to_persist);
+        let mut commits = Vec::new();
+        let mut aborts = Vec::new();
+        for p in &self.persisting {
+            match &p.decision {
+                Decided::Commit { index, .. } => {
+                    let writes = self.txns.get(&p.txn).map(|e| writes_of(&e.txn)).unwrap_or_default();
+                    commits.push(LogEntry { index: *index, txn_id: p.txn, writes });
+                }
+                Decided::ConditionFailed(reason) => aborts.push((p.txn, reason.clone())),
+            }
+        }
+        self.actions.push(Action::Persist { commits, aborts });
+    }
+
+    /// The last [`Action::Persist`] is durable: answer, tell the
+    /// participants, release the locks.
+    pub fn persisted(&mut self, now: u64) {
+        let done = std::mem::take(&mut self.persisting);
+        let mut decide: BTreeMap<u64, Vec<(TxnId, u64)>> = BTreeMap::new();
+        for p in &done {
+            if let Decided::Commit { index, members } = &p.decision {
+                self.durable = self.durable.max(*index);
+                for m in members {
+                    decide.entry(*m).or_default().push((p.txn, *index));
+                }
+            }
+        }
+        for (to, commits) in decide {
+            self.actions.push(Action::Decide { to, commits, aborts: vec![] });
+        }
+        for p in done {
+            let result = match p.decision {
+                Decided::Commit { index, .. } => Ok(Committed { index }),
+                Decided::ConditionFailed(reason) => Err(Error::ConditionFailed(reason)),
+            };
+            self.finish(p.txn, result, now);
+        }
+        self.maybe_change_view(now);
+        self.maybe_persist();
+    }
+
+    /// Answers `id`, forgets it and releases its locks; whoever waited for
+    /// them goes on.
+    fn finish(&mut self, id: TxnId, result: Result<Committed, Error>, now: u64) {
+        if self.txns.remove(&id).is_none() {
+            return;
+        }
+        self.parked.retain(|t| *t != id);
+        self.actions.push(Action::Reply { txn: id, result });
+        for g in self.locks.release(id) {
+            self.locked(g, now);
+        }
+    }
+
+    fn park(&mut self, id: TxnId) {
+        if let Some(e) = self.txns.get_mut(&id) {
+            e.state = State::Parked;
+            self.parked.push_back(id);
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // Time
+
+    /// Time passed: lock and prepare timeouts, retries, verification
+    /// deadlines, failure detection and view changes.
+    pub fn tick(&mut self, now: u64) {
+        let budget = stall_budget(&self.membership);
+        // Batches nobody answered.
+        let deadline = self.config.prepare_timeout_ms + 1000;
+        let mut late = Vec::new();
+        for (to, batches) in &self.outstanding {
+            for (batch, (sent, _)) in batches {
+                if now >= sent + deadline {
+                    late.push((*to, *batch));
+                }
+            }
+        }
+        for (to, batch) in late {
+            let e = Error::Unavailable(format!("participant {to} did not answer a PREPARE in time"));
+            self.prepared(to, batch, Err(e), now);
+        }
+        let mut expired = Vec::new();
+        let mut retry = Vec::new();
+        let verified = self.check_fence();
+        for (id, e) in &self.txns {
+            match &e.state {
+                State::Locking { since } if now >= since + self.config.lock_timeout_ms => expired.push((
+                    *id,
+                    Error::Conflict(format!(
+                        "waited {} ms for keys held by other transactions; retry",
+                        self.config.lock_timeout_ms
+                    )),
+                )),
+                State::Retrying { at, .. } if now >= *at => retry.push(*id),
+                State::Parked if now >= e.started + budget => match &verified {
+                    Err(f) => expired.push((*id, f.clone())),
+                    Ok(false) => expired.push((
+                        *id,
+                        Error::Unavailable(format!(
+                            "the coordinator is checking its log against the participants after a start and has \
+                             heard from {} of the {} it needs; retry shortly (`treaty status` shows who is down)",
+                            self.fence.verified.len(),
+                            self.config.verify_quorum
+                        )),
+                    )),
+                    Ok(true) => {}
+                },
+                _ => {}
+            }
+        }
+        for (id, e) in expired {
+            self.finish(id, Err(e), now);
+        }
+        for id in retry {
+            self.retry(id, now);
+        }
+        if let Some(change) = self.membership.tick(now, self.assigned) {
+            if self.view_change.is_none() && !self.view_persisting {
+                self.view_change = Some(change);
+            }
+        }
+        self.maybe_change_view(now);
+        self.unpark(now);
+        self.maybe_persist();
+    }
+
+    fn retry(&mut self, id: TxnId, now: u64) {
+        let budget = stall_budget(&self.membership);
+        let Some(entry) = self.txns.get_mut(&id) else { return };
+        let State::Retrying { errors, .. } = &mut entry.state else { return };
+        if now >= entry.started + budget {
+            let mut errors = std::mem::take(errors);
+            errors.sort_by_key(|e| !matches!(e, Error::Unavailable(_)));
+            self.finish(id, Err(merge_errors(errors)), now);
+        } else if self.view_change.is_some() || self.view_persisting {
+            self.park(id);
+        } else {
+            self.start_prepare(id, now);
+        }
+    }
+
+    /// Prepares parked transactions once nothing holds them back.
+    fn unpark(&mut self, now: u64) {
+        if self.view_change.is_some() || self.view_persisting || self.check_fence() != Ok(true) {
+            return;
+        }
+        while let Some(id) = self.parked.pop_front() {
+            if self.txns.get(&id).is_some_and(|e| matches!(e.state, State::Parked)) {
+                self.start_prepare(id, now);
+            }
+        }
+    }
+
+    /// Applies a proposed view change once no transaction is preparing or
+    /// deciding; re-checked at that moment ([`Membership::apply`]).
+    fn maybe_change_view(&mut self, now: u64) {
+        let Some(change) = self.view_change else { return };
+        let busy = self.txns.values().any(|e| matches!(e.state, State::Preparing { .. } | State::Deciding));
+        if busy || !self.persisting.is_empty() {
+            return;
+        }
+        self.view_change = None;
+        match self.membership.apply(change, self.durable, now) {
+            Some(view) => {
+                self.view_persisting = true;
+                self.actions.push(Action::PersistView(view));
+            }
+            None => self.unpark(now),
+        }
+        // Retrying transactions wait for the new view instead of their timer.
+        let waiting: Vec<TxnId> =
+            self.txns.iter().filter(|(_, e)| matches!(e.state, State::Retrying { .. })).map(|(id, _)| *id).collect();
+        for id in waiting {
+            self.park(id);
+        }
+    }
+
+    /// The last [`Action::PersistView`] is durable: resume.
+    pub fn view_persisted(&mut self, now: u64) {
+        self.view_persisting = false;
+        self.unpark(now);
+    }
+
+    // -----------------------------------------------------------------
+    // Participants checking in
+
+    /// A participant checked in. Verifies its evidence against this
+    /// coordinator's data first (fencing: a commit index beyond the log, or
+    /// undecided transactions from an incarnation this data has no record
+    /// of), then grants membership and a lease. `Err` is the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_sync(
+        &mut self,
+        id: u64,
+        replica: u64,
+        follows: Option<Incarnation>,
+        seen_index: u64,
+        undecided: u64,
+        applied: u64,
+        in_doubt: usize,
+        now: u64,
+    ) -> Result<Grant, Error> {
+        self.verify(id, follows, seen_index, undecided, now)?;
+        self.membership.on_sync(id, replica, applied, in_doubt, now).map_err(Error::Identity)
+    }
+
+    fn verify(
+        &mut self,
+        id: u64,
+        follows: Option<Incarnation>,
+        seen_index: u64,
+        undecided: u64,
+        now: u64,
+    ) -> Result<(), Error> {
+        if let Some(why) = &self.fence.fenced {
+            return Err(Error::Fenced(why.clone()));
+        }
+        let last = self.durable;
+        let unknown =
+            follows.filter(|inc| *inc != self.incarnation && self.history.get(&inc.generation) != Some(&inc.nonce));
+        let evidence = match unknown {
+            _ if seen_index > last => Some(format!(
+                "participant {id} has seen commit index {seen_index}, but this coordinator's log ends at index {last}"
+            )),
+            // Once a quorum verified the log, every commit beyond it would
+            // have shown in one of their check-ins (each was prepared on at
+            // least `min_replicas` participants): what a late participant
+            // holds from an unknown incarnation was never committed.
+            Some(inc) if undecided > 0 && self.fence.verified.len() < self.config.verify_quorum => Some(format!(
+                "participant {id} holds {undecided} prepared transaction(s) from coordinator {inc}, of which this \
+                 coordinator's data dir has no record (it is {}): that incarnation may have committed them",
+                self.incarnation
+            )),
+            _ => None,
+        };
+        if let Some(evidence) = evidence {
+            let why = format!(
+                "{evidence}: this coordinator's data dir is older than the cluster (restored from an old copy, or \
+                 damaged), and deciding anything could contradict commits already made. It refuses every write \
+                 until it is replaced. Way out: stop it and restore the newest copy of its data dir (README: \
+                 Operations, Backup and restore); the participants keep every commit they applied"
+            );
+            self.fence.fenced = Some(why.clone());
+            let parked: Vec<TxnId> = self.parked.drain(..).collect();
+            for t in parked {
+                self.finish(t, Err(Error::Fenced(why.clone())), now);
+            }
+            return Err(Error::Fenced(why));
+        }
+        let before = self.fence.verified.len();
+        self.fence.verified.insert(id);
+        if before < self.config.verify_quorum && self.fence.verified.len() >= self.config.verify_quorum {
+            self.unpark(now);
+        }
+        Ok(())
+    }
+
+    /// Whether this check-in just fenced the coordinator (for logging).
+    pub fn is_fenced(&self) -> bool {
+        self.fence.fenced.is_some()
+    }
+
+    /// Participants verified since start.
+    pub fn verified(&self) -> &BTreeSet<u64> {
+        &self.fence.verified
+    }
+
+    /// The coordinator's ping to participant `id` was answered by `replica`
+    /// (`None`: it failed).
+    pub fn on_ping(&mut self, id: u64, replica: Option<u64>, now: u64) {
+        self.membership.on_ping(id, replica, now);
+    }
+}
+
+fn writes_of(txn: &Arc<Txn>) -> Vec<Write> {
+    txn.writes.clone()
+}
+
+fn merge_errors(errors: Vec<Error>) -> Error {
+    let mut iter = errors.into_iter();
+    let first = iter.next().unwrap_or_else(|| Error::Unavailable("no participants answered".into()));
+    let rest: Vec<String> = iter.map(|e| e.to_string()).collect();
+    if rest.is_empty() {
+        return first;
+    }
+    let more = format!(" (also: {})", rest.join("; "));
+    match first {
+        Error::Unavailable(m) => Error::Unavailable(m + &more),
+        Error::Conflict(m) => Error::Conflict(m + &more),
+        Error::NotReady(m) => Error::NotReady(m + &more),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests;
