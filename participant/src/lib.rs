@@ -114,6 +114,8 @@ struct Node {
     changed: watch::Sender<u64>,
     apply_wake: Notify,
     catch_up: Notify,
+    /// Check in now (a message came from an incarnation not yet followed).
+    check_in: Notify,
     sync: GroupSync,
     coordinator: Peer<CoordinatorServiceClient>,
     applied_count: AtomicU64,
@@ -170,20 +172,33 @@ impl Node {
     }
 
     /// Accepts a message only from the coordinator incarnation this replica
-    /// follows. A newer one is followed after its next check-in; an older
-    /// or different one is refused: its data is behind the cluster's.
+    /// follows. Any other of the same or a newer generation is followed once
+    /// this replica has checked in with it (asked for at once); an older one
+    /// is refused: its data is behind the cluster's.
+    ///
+    /// The same generation with another nonce is not proof of anything: a
+    /// restored newest copy reuses the generation of the start that ran
+    /// after the copy was taken. Whether such a coordinator may decide is
+    /// settled by its check-in verification, never here.
     fn check_incarnation(&self, what: &str, from: Incarnation) -> Result<()> {
         let following = *self.following.lock().unwrap();
         match following {
             Some(f) if f == from => Ok(()),
-            Some(f) if from.generation > f.generation => Err(Error::NotReady(format!(
-                "participant {}: {what} from coordinator {from}, which it has not checked in with yet; retry",
-                self.id
-            ))),
-            None => Err(Error::NotReady(format!(
-                "participant {} has not checked in with the coordinator yet; retry",
-                self.id
-            ))),
+            Some(f) if from.generation >= f.generation => {
+                self.check_in.notify_one();
+                Err(Error::NotReady(format!(
+                    "participant {}: {what} from coordinator {from}, which it has not checked in with yet (it \
+                     follows {f}); retry",
+                    self.id
+                )))
+            }
+            None => {
+                self.check_in.notify_one();
+                Err(Error::NotReady(format!(
+                    "participant {} has not checked in with the coordinator yet; retry",
+                    self.id
+                )))
+            }
             Some(f) => Err(Error::Fenced(format!(
                 "participant {} refuses a {what} from coordinator {from}: it follows {f}, so that coordinator runs \
                  on an older copy of its data dir than the cluster has seen (restored from an old backup?)",
@@ -508,6 +523,7 @@ impl Node {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
                 _ = self.catch_up.notified() => { behind_ticks = STUCK_TICKS; }
+                _ = self.check_in.notified() => {}
             }
             let ready = self.ready.load(Ordering::Acquire);
             let (applied, in_doubt, undecided) = {
@@ -831,6 +847,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         changed: watch::channel(0).0,
         apply_wake: Notify::new(),
         catch_up: Notify::new(),
+        check_in: Notify::new(),
         sync,
         coordinator: Peer::new(
             format!("coordinator at {}", config.coordinator),

@@ -183,12 +183,18 @@ async fn hostile_messages_in_the_coordinators_name_never_crash_a_participant() {
         let r = vote(p4.prepare(ctx(), prepare(9999, me, st.replica, txn("x", "1"), 1)).await.unwrap());
         assert!(matches!(&r, Err(Error::Identity(m)) if m.contains("participant 9999")), "{r:?}");
     }
-    // An older or foreign incarnation, the wrong replica, an invalid txn.
-    let old = Incarnation { generation: me.generation, nonce: me.nonce ^ 1 };
+    // An older incarnation is refused for good; the same generation with
+    // another nonce (a restored newest copy reuses the generation of the run
+    // after the copy) only has to check in first. Then the wrong replica, an
+    // invalid txn.
+    let old = Incarnation { generation: me.generation - 1, nonce: me.nonce };
     assert!(matches!(
         vote(p4.prepare(ctx(), prepare(4, old, st.replica, txn("x", "1"), 1)).await.unwrap()),
         Err(Error::Fenced(_))
     ));
+    let twin = Incarnation { generation: me.generation, nonce: me.nonce ^ 1 };
+    let r = vote(p4.prepare(ctx(), prepare(4, twin, st.replica, txn("x", "1"), 1)).await.unwrap());
+    assert!(matches!(&r, Err(Error::NotReady(m)) if m.contains("not checked in")), "{r:?}");
     assert!(matches!(
         vote(p4.prepare(ctx(), prepare(4, me, 42, txn("x", "1"), 1)).await.unwrap()),
         Err(Error::NotReady(_))
@@ -331,13 +337,35 @@ async fn restoring_an_old_coordinator_copy_is_fenced_and_loses_nothing() {
         let v = c.client_for(i).get_with(b"a", ReadMode::Stale).await.unwrap().unwrap();
         assert_eq!((v.value.as_slice(), v.version), (&b"v4"[..], last), "participant {i}");
     }
-    // The way out: the newest copy.
+    // The way out: the newest copy. It starts as the generation the run
+    // after the copy also had (with another nonce). Participant 1 is paused
+    // meanwhile, so it still follows that run when the first PREPARE comes:
+    // it must ask to check in (retryable), not refuse the newest copy.
     c.kill(0);
     std::fs::remove_dir_all(c.data_dir(0)).unwrap();
     copy_dir(&newest, &c.data_dir(0));
+    let p1 = c.pid(1).unwrap() as i32;
+    unsafe { libc::kill(p1, libc::SIGSTOP) };
     c.spawn(0, &[]);
-    c.wait_ready(Duration::from_secs(20)).await;
-    let r = c.client().put(b"a", b"after").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.client_for(2).cluster_status().await.is_err() {
+        assert!(Instant::now() < deadline, "the newest copy never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Participants 2 and 3 check in every 200 ms (one is a verification
+    // quorum here); participant 1 must not stay away long enough for its
+    // lease to run out, or it is excluded and never sees the PREPARE.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unsafe { libc::kill(p1, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        match c.client().put(b"a", b"after").await {
+            Ok(r) => break r,
+            Err(e @ Error::Fenced(_)) => panic!("the newest copy was refused: {e}"),
+            Err(e) => assert!(Instant::now() < deadline, "the newest copy takes no write: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(r.index, last + 1);
     c.assert_replicas_identical(&[b"a".to_vec()]).await;
 }
