@@ -42,12 +42,7 @@ use treaty_common::rpc::{self, ClusterStatus, CoordinatorServiceClient, NodeStat
 pub use treaty_common::tls::{Expect, Identity, Security};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
 
-pub mod batch;
-pub mod bench;
 pub mod credentials;
-pub mod demo;
-pub mod repl;
-pub mod script;
 
 /// How a read is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

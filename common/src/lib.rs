@@ -1,10 +1,8 @@
-//! Treaty's shared core.
+//! What clients and servers share on the network, on top of `treaty-core`.
 //!
-//! * [`types`]: keys, values, transactions, conditions, limits.
-//! * [`error`]: the one error type every RPC and the client API return.
-//! * [`protocol`]: the 2PC state machines, pure (no I/O).
-//! * [`storage`]: sled-backed data, WAL, decision log, durable group sync.
-//! * [`rpc`]: tarpc services and their messages.
+//! * [`types`], [`error`], [`protocol`]: re-exported from `treaty-core`
+//!   (pure: no I/O).
+//! * [`rpc`]: tarpc services, and their messages (from `treaty-core`).
 //! * [`net`]: connections: TLS, framing, limits, the self-healing [`net::Peer`].
 //! * [`tls`]: the cluster CA, identities, certificates.
 //!
@@ -12,13 +10,11 @@
 //! layers of I/O around these.
 
 pub mod cli;
-pub mod error;
 pub mod net;
-pub mod protocol;
 pub mod rpc;
-pub mod storage;
 pub mod tls;
-pub mod types;
+
+pub use treaty_core::{error, protocol, types};
 
 pub use error::{Error, Result};
 pub use types::{Committed, Condition, Key, Txn, TxnId, Value, Versioned, Write};

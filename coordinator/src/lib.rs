@@ -63,9 +63,9 @@ use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorService, Incarnation, LogEntry, NodeStatus, Outcome,
     ParticipantServiceClient, Peer, PrepareBatch, SyncReply, SyncRequest,
 };
-use treaty_common::storage::{CoordinatorStore, Decision, GroupSync};
 use treaty_common::tls::{Expect, Security};
 use treaty_common::{Committed, Error, Result, Txn, TxnId};
+use treaty_storage::{CoordinatorStore, Decision, GroupSync};
 
 /// How the coordinator is configured (flags / `TREATY_*` variables).
 #[derive(Clone, Debug)]
@@ -129,6 +129,8 @@ struct Coordinator {
     last_index: AtomicU64,
     /// Transactions committed since start.
     committed: AtomicU64,
+    /// Write-path RPCs (see [`NodeStatus::rpcs`]).
+    rpcs: AtomicU64,
     sync: GroupSync,
     config: Config,
     clock: Instant,
@@ -188,6 +190,7 @@ impl Coordinator {
                         min_applied,
                         items,
                     };
+                    self.rpcs.fetch_add(1, Ordering::Relaxed);
                     let me = self.clone();
                     tokio::spawn(async move {
                         crash_point!("coordinator::before_prepare");
@@ -237,6 +240,7 @@ impl Coordinator {
     /// Sends outcomes; for commits, the first participant hears first and
     /// the rest after (the `after_first_commit` failpoint sits between).
     fn send_decide(self: &Arc<Self>, mut batches: Vec<Outcomes>, commits: bool) {
+        self.rpcs.fetch_add(batches.len() as u64, Ordering::Relaxed);
         let me = self.clone();
         tokio::spawn(async move {
             let cluster = me.cluster;
@@ -283,6 +287,7 @@ impl Coordinator {
     }
 
     async fn submit(self: &Arc<Self>, txn: Txn) -> Result<Committed> {
+        self.rpcs.fetch_add(1, Ordering::Relaxed);
         txn.validate()?;
         let rx = {
             let mut p = self.protocol.lock().unwrap();
@@ -417,6 +422,7 @@ impl Coordinator {
             prepared: p.core.running() as u64,
             syncs: self.sync.count(),
             commits: self.committed.load(Ordering::Relaxed),
+            rpcs: self.rpcs.load(Ordering::Relaxed),
             epoch: m.view().epoch,
             member: true,
             lease_ms: None,
@@ -604,6 +610,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         persist: persist_tx,
         last_index: AtomicU64::new(last),
         committed: AtomicU64::new(0),
+        rpcs: AtomicU64::new(0),
         sync,
         config,
         clock: Instant::now(),

@@ -46,9 +46,9 @@ use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
     Peer, PrepareBatch, SyncRequest, Vote,
 };
-use treaty_common::storage::{GroupSync, ReplicaStore};
 use treaty_common::tls::{Expect, Security};
 use treaty_common::{Committed, Error, Key, Result, Txn, TxnId, Versioned};
+use treaty_storage::{GroupSync, ReplicaStore};
 
 /// How a participant is configured (flags / `TREATY_*` variables).
 #[derive(Clone, Debug)]
@@ -119,6 +119,8 @@ struct Node {
     sync: GroupSync,
     coordinator: Peer<CoordinatorServiceClient>,
     applied_count: AtomicU64,
+    /// Write-path RPCs (see [`NodeStatus::rpcs`]).
+    rpcs: AtomicU64,
     /// The coordinator's last index as of the latest check-in.
     cluster_last: AtomicU64,
     /// The highest view epoch heard of, and whether this node is in it.
@@ -482,6 +484,7 @@ impl Node {
             prepared: core.prepared_count() as u64,
             syncs: self.sync.count(),
             commits: self.applied_count.load(Ordering::Relaxed),
+            rpcs: self.rpcs.load(Ordering::Relaxed),
             epoch: self.epoch.load(Ordering::Acquire),
             member: self.member.load(Ordering::Acquire),
             lease_ms,
@@ -747,6 +750,7 @@ struct Server {
 impl ParticipantService for Server {
     async fn prepare(self, _: Context, batch: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         self.caller.require_coordinator("PREPARE")?;
+        self.node.rpcs.fetch_add(1, Ordering::Relaxed);
         self.node.prepare(batch).await
     }
 
@@ -759,6 +763,7 @@ impl ParticipantService for Server {
         aborts: Vec<(TxnId, u64)>,
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
+        self.node.rpcs.fetch_add(1, Ordering::Relaxed);
         self.node.check_cluster(cluster)?;
         self.node.check_incarnation("COMMIT", from)?;
         self.node.decide(commits, aborts)
@@ -773,6 +778,7 @@ impl ParticipantService for Server {
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
+        self.node.rpcs.fetch_add(1, Ordering::Relaxed);
         txn.validate()?;
         let (result, sent) = self
             .node
@@ -857,6 +863,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         )
         .with_max_call(Duration::from_secs(21)),
         applied_count: AtomicU64::new(0),
+        rpcs: AtomicU64::new(0),
         cluster_last: AtomicU64::new(0),
         epoch: AtomicU64::new(0),
         member: AtomicBool::new(false),

@@ -943,7 +943,7 @@ fn simulate(seed: u64) -> (usize, usize, u64, u32, u32) {
 }
 
 /// Thousands of seeded runs; a failure names its seed. Replay one with
-/// `TREATY_SIM_SEED=N cargo test -p treaty-common simulation`.
+/// `TREATY_SIM_SEED=N cargo test -p treaty-core simulation`.
 #[test]
 fn simulation_of_a_cluster_under_faults() {
     let seeds: Vec<u64> = match std::env::var("TREATY_SIM_SEED") {
@@ -963,7 +963,7 @@ fn simulation_of_a_cluster_under_faults() {
                 let msg =
                     e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()));
                 panic!(
-                    "simulation seed {seed} failed: {}\nreplay: TREATY_SIM_SEED={seed} cargo test -p treaty-common simulation",
+                    "simulation seed {seed} failed: {}\nreplay: TREATY_SIM_SEED={seed} cargo test -p treaty-core simulation",
                     msg.unwrap_or_default()
                 );
             }

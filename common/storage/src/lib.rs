@@ -48,10 +48,21 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, Result};
-use crate::protocol::{ApplyEntry, PreparedRecord};
-use crate::rpc::{ClusterId, Incarnation, LogEntry};
-use crate::types::{TxnId, Versioned, Write};
+use treaty_core::messages::{ClusterId, Incarnation, LogEntry};
+use treaty_core::protocol::{ApplyEntry, PreparedRecord};
+use treaty_core::types::{TxnId, Versioned, Write};
+use treaty_core::{Error, Result};
+
+/// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
+trait Db<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Db<T> for std::result::Result<T, sled::Error> {
+    fn db(self) -> Result<T> {
+        self.map_err(|e| Error::Storage(e.to_string()))
+    }
+}
 
 fn open_db(dir: &Path) -> Result<sled::Db> {
     std::fs::create_dir_all(dir)
@@ -62,7 +73,7 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
 }
 
 fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>> {
-    Ok(tree.get(key)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8-byte meta value"))))
+    Ok(tree.get(key).db()?.map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8-byte meta value"))))
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -88,7 +99,7 @@ fn decode_versioned(bytes: &[u8]) -> Versioned {
 fn flatten(e: TransactionError<Error>) -> Error {
     match e {
         TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => e.into(),
+        TransactionError::Storage(e) => Error::Storage(e.to_string()),
     }
 }
 
@@ -111,7 +122,7 @@ impl Durability {
     /// while rather than treated as a storage failure: connections are
     /// capped below the limit, so descriptors come back.
     pub fn sync(&mut self) -> Result<()> {
-        self.db.flush()?;
+        self.db.flush().db()?;
         self.db_file.sync_data()?;
         let blobs = self.dir.join("blobs");
         let mut new_blob = false;
@@ -216,7 +227,7 @@ impl ReplicaStore {
     /// directory that belongs to another participant, touching nothing.
     pub fn open(dir: &Path, node_id: u64) -> Result<Self> {
         let db = open_db(dir)?;
-        let meta = db.open_tree("meta")?;
+        let meta = db.open_tree("meta").db()?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"decisions") {
             return Err(Error::Identity(format!(
                 "data dir {} belongs to a coordinator, not a participant: give participant {node_id} its own directory",
@@ -224,7 +235,7 @@ impl ReplicaStore {
             )));
         }
         if u64_at(&meta, "replica")?.is_none() {
-            meta.insert("replica", &(rand::random::<u64>() | 1).to_be_bytes())?;
+            meta.insert("replica", &(rand::random::<u64>() | 1).to_be_bytes()).db()?;
         }
         match u64_at(&meta, "node_id")? {
             Some(id) if id != node_id => {
@@ -236,11 +247,17 @@ impl ReplicaStore {
             }
             Some(_) => {}
             None => {
-                meta.insert("node_id", &node_id.to_be_bytes())?;
-                meta.flush()?;
+                meta.insert("node_id", &node_id.to_be_bytes()).db()?;
+                meta.flush().db()?;
             }
         }
-        Ok(ReplicaStore { data: db.open_tree("data")?, wal: db.open_tree("wal")?, meta, dir: dir.to_path_buf(), db })
+        Ok(ReplicaStore {
+            data: db.open_tree("data").db()?,
+            wal: db.open_tree("wal").db()?,
+            meta,
+            dir: dir.to_path_buf(),
+            db,
+        })
     }
 
     pub fn durability(&self) -> Result<Durability> {
@@ -262,14 +279,14 @@ impl ReplicaStore {
 
     /// The coordinator incarnation this replica follows, if any.
     pub fn following(&self) -> Result<Option<Incarnation>> {
-        self.meta.get("coordinator")?.map(|v| decode(&v, "coordinator incarnation")).transpose()
+        self.meta.get("coordinator").db()?.map(|v| decode(&v, "coordinator incarnation")).transpose()
     }
 
     /// Records the coordinator incarnation this replica now follows. Flushed
     /// at once; made durable by the next sync (every WAL sync comes later).
     pub fn set_following(&self, inc: Incarnation) -> Result<()> {
-        self.meta.insert("coordinator", encode(&inc))?;
-        self.db.flush()?;
+        self.meta.insert("coordinator", encode(&inc)).db()?;
+        self.db.flush().db()?;
         Ok(())
     }
 
@@ -280,14 +297,14 @@ impl ReplicaStore {
 
     /// Raises the seen index (written now, durable with the next sync).
     pub fn set_seen_index(&self, index: u64) -> Result<()> {
-        self.meta.insert("seen_index", &index.to_be_bytes())?;
+        self.meta.insert("seen_index", &index.to_be_bytes()).db()?;
         Ok(())
     }
 
     /// Records the cluster this replica joined (durably: it is written once).
     pub fn set_cluster(&self, cluster: ClusterId) -> Result<()> {
-        self.meta.insert("cluster", &cluster.0.to_be_bytes())?;
-        self.db.flush()?;
+        self.meta.insert("cluster", &cluster.0.to_be_bytes()).db()?;
+        self.db.flush().db()?;
         Ok(())
     }
 
@@ -296,12 +313,12 @@ impl ReplicaStore {
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        Ok(self.data.get(key)?.map(|v| decode_versioned(&v)))
+        Ok(self.data.get(key).db()?.map(|v| decode_versioned(&v)))
     }
 
     /// Every prepared record in the WAL, for recovery.
     pub fn prepared(&self) -> Result<Vec<PreparedRecord>> {
-        self.wal.iter().values().map(|v| decode(&v?, "WAL")).collect()
+        self.wal.iter().values().map(|v| decode(&v.db()?, "WAL")).collect()
     }
 
     /// Appends PREPARED records (one sled batch). Not durable until a sync.
@@ -310,7 +327,7 @@ impl ReplicaStore {
         for rec in records {
             batch.insert(&rec.txn_id.0.to_be_bytes(), encode(rec));
         }
-        self.wal.apply_batch(batch)?;
+        self.wal.apply_batch(batch).db()?;
         Ok(())
     }
 
@@ -321,7 +338,7 @@ impl ReplicaStore {
         for t in txns {
             batch.remove(&t.0.to_be_bytes());
         }
-        self.wal.apply_batch(batch)?;
+        self.wal.apply_batch(batch).db()?;
         Ok(())
     }
 
@@ -353,7 +370,7 @@ impl ReplicaStore {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.db.flush().db()?;
         Ok(())
     }
 }
@@ -441,10 +458,10 @@ impl CoordinatorStore {
                 dir.display()
             )));
         }
-        let meta = db.open_tree("meta")?;
+        let meta = db.open_tree("meta").db()?;
         let cluster = match (u64_at(&meta, "cluster")?, recorded) {
             (Some(c), recorded) => {
-                let stored: Vec<String> = match meta.get("participants")? {
+                let stored: Vec<String> = match meta.get("participants").db()? {
                     Some(v) => decode(&v, "participant list")?,
                     None => vec![],
                 };
@@ -491,16 +508,16 @@ impl CoordinatorStore {
             }
             (None, None) => {
                 let c = ClusterId(rand::random::<u64>() | 1);
-                meta.insert("participants", encode(&participants.to_vec()))?;
-                meta.insert("cluster", &c.0.to_be_bytes())?;
+                meta.insert("participants", encode(&participants.to_vec())).db()?;
+                meta.insert("cluster", &c.0.to_be_bytes()).db()?;
                 Durability::new(db.clone(), dir)?.sync()?;
                 write_id_file(dir, c, participants)?;
                 c
             }
         };
         let store = CoordinatorStore {
-            log: db.open_tree("log")?,
-            decisions: db.open_tree("decisions")?,
+            log: db.open_tree("log").db()?,
+            decisions: db.open_tree("decisions").db()?,
             meta,
             dir: dir.to_path_buf(),
             db,
@@ -512,14 +529,14 @@ impl CoordinatorStore {
     /// recorded durably in the history before it is used. Returns it with
     /// the whole history (generation -> nonce), itself included.
     pub fn start_incarnation(&self) -> Result<(Incarnation, BTreeMap<u64, u64>)> {
-        let mut history: BTreeMap<u64, u64> = match self.meta.get("history")? {
+        let mut history: BTreeMap<u64, u64> = match self.meta.get("history").db()? {
             Some(v) => decode(&v, "incarnation history")?,
             None => BTreeMap::new(),
         };
         let generation = history.keys().next_back().map_or(1, |g| g + 1);
         let inc = Incarnation { generation, nonce: rand::random() };
         history.insert(generation, inc.nonce);
-        self.meta.insert("history", encode(&history))?;
+        self.meta.insert("history", encode(&history)).db()?;
         Durability::new(self.db.clone(), &self.dir)?.sync()?;
         Ok((inc, history))
     }
@@ -529,26 +546,26 @@ impl CoordinatorStore {
     }
 
     /// The stored view, if any.
-    pub fn view(&self) -> Result<Option<crate::protocol::View>> {
-        self.meta.get("view")?.map(|v| decode(&v, "view")).transpose()
+    pub fn view(&self) -> Result<Option<treaty_core::protocol::View>> {
+        self.meta.get("view").db()?.map(|v| decode(&v, "view")).transpose()
     }
 
     /// Stores the view durably (synced before it returns).
-    pub fn set_view(&self, view: &crate::protocol::View) -> Result<()> {
-        self.meta.insert("view", encode(view))?;
+    pub fn set_view(&self, view: &treaty_core::protocol::View) -> Result<()> {
+        self.meta.insert("view", encode(view)).db()?;
         Durability::new(self.db.clone(), &self.dir)?.sync()
     }
 
     /// Highest commit index in the log (0 if none).
     pub fn last_index(&self) -> Result<u64> {
-        Ok(match self.log.last()? {
+        Ok(match self.log.last().db()? {
             Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().expect("8-byte index")),
             None => 0,
         })
     }
 
     pub fn decision(&self, txn_id: TxnId) -> Result<Option<Decision>> {
-        self.decisions.get(txn_id.0.to_be_bytes())?.map(|v| decode(&v, "decision")).transpose()
+        self.decisions.get(txn_id.0.to_be_bytes()).db()?.map(|v| decode(&v, "decision")).transpose()
     }
 
     /// Writes commit decisions and their log entries atomically. Not durable
@@ -567,7 +584,7 @@ impl CoordinatorStore {
 
     /// Records that a transaction aborted on a failed condition (unsynced).
     pub fn record_abort(&self, txn_id: TxnId, reason: &str) -> Result<()> {
-        self.decisions.insert(txn_id.0.to_be_bytes(), encode(&Decision::Aborted(reason.to_string())))?;
+        self.decisions.insert(txn_id.0.to_be_bytes(), encode(&Decision::Aborted(reason.to_string()))).db()?;
         Ok(())
     }
 
@@ -577,7 +594,7 @@ impl CoordinatorStore {
         let mut out = Vec::new();
         let mut bytes = 0;
         for item in self.log.range(from.to_be_bytes()..) {
-            let (_, v) = item?;
+            let (_, v) = item.db()?;
             if out.len() as u64 >= max || (bytes + v.len() > max_bytes && !out.is_empty()) {
                 break;
             }
@@ -588,7 +605,7 @@ impl CoordinatorStore {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.db.flush().db()?;
         Ok(())
     }
 }

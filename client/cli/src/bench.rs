@@ -86,6 +86,7 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
     }
     let key_space =
         if args.workload == Workload::Get { args.key_space.min(args.ops.max(1000)) } else { args.key_space };
+    let counters_before = Work::of(&clients[0]).await;
     let remaining = Arc::new(AtomicU64::new(args.ops));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
@@ -150,6 +151,12 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
         hist.add(t.await.expect("bench client panicked")).expect("histogram merge");
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // Writes only: the counters count write-path work.
+    let work = match (args.workload, counters_before, Work::of(&clients[0]).await) {
+        (Workload::Get, ..) => None,
+        (_, Some(before), Some(after)) => after.per_commit_since(&before),
+        _ => None,
+    };
     let ok = hist.len();
     let errs = errors.load(Ordering::Relaxed);
     let ops_per_sec = ok as f64 / elapsed;
@@ -163,6 +170,10 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
                 "ops": ok, "errors": errs, "seconds": elapsed, "ops_per_sec": ops_per_sec,
                 "tls": !security.is_insecure(),
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": hist.max() as f64 / 1000.0,
+                "per_commit": work.map(|w| serde_json::json!({
+                    "coordinator_syncs": w.coordinator_syncs, "coordinator_rpcs": w.coordinator_rpcs,
+                    "participant_syncs": w.participant_syncs, "participant_rpcs": w.participant_rpcs,
+                })),
             })
         );
     } else {
@@ -171,6 +182,12 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
             ms(0.5), ms(0.99), ms(0.999), hist.max() as f64 / 1000.0, args.clients, args.value_size,
             if security.is_insecure() { "insecure" } else { "TLS" }
         );
+        if let Some(w) = work {
+            println!(
+                "per commit: coordinator {:.3} syncs, {:.2} rpcs; each participant {:.3} syncs, {:.2} rpcs",
+                w.coordinator_syncs, w.coordinator_rpcs, w.participant_syncs, w.participant_rpcs
+            );
+        }
     }
     if let Some(e) = first_error.lock().unwrap().take() {
         eprintln!("first error: {e}");
@@ -179,5 +196,59 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
         1
     } else {
         0
+    }
+}
+
+/// Write-path work counters summed over the cluster (`treaty status`).
+#[derive(Clone, Copy)]
+struct Work {
+    commits: u64,
+    coordinator_syncs: u64,
+    coordinator_rpcs: u64,
+    participant_syncs: u64,
+    participant_rpcs: u64,
+    participants: u64,
+}
+
+/// Work per commit during the run; participant figures are per participant.
+#[derive(Clone, Copy)]
+struct PerCommit {
+    coordinator_syncs: f64,
+    coordinator_rpcs: f64,
+    participant_syncs: f64,
+    participant_rpcs: f64,
+}
+
+impl Work {
+    /// The cluster's counters now, if the coordinator answers.
+    async fn of(client: &Client) -> Option<Work> {
+        let s = client.cluster_status().await.ok()?;
+        let mut w = Work {
+            commits: s.coordinator.commits,
+            coordinator_syncs: s.coordinator.syncs,
+            coordinator_rpcs: s.coordinator.rpcs,
+            participant_syncs: 0,
+            participant_rpcs: 0,
+            participants: 0,
+        };
+        for n in s.participants.iter().filter_map(|(_, _, st)| st.as_ref().ok()) {
+            w.participant_syncs += n.syncs;
+            w.participant_rpcs += n.rpcs;
+            w.participants += 1;
+        }
+        Some(w)
+    }
+
+    /// `None` when nothing committed or a node restarted (counters reset).
+    fn per_commit_since(&self, before: &Work) -> Option<PerCommit> {
+        let commits = self.commits.checked_sub(before.commits).filter(|c| *c > 0)? as f64;
+        let parts = self.participants.max(1) as f64;
+        let d = |a: u64, b: u64| a.checked_sub(b).map(|x| x as f64);
+        Some(PerCommit {
+            coordinator_syncs: d(self.coordinator_syncs, before.coordinator_syncs)? / commits,
+            coordinator_rpcs: d(self.coordinator_rpcs, before.coordinator_rpcs)? / commits,
+            participant_syncs: d(self.participant_syncs, before.participant_syncs)? / commits / parts,
+            participant_rpcs: d(self.participant_rpcs, before.participant_rpcs)? / commits / parts,
+        })
     }
 }

@@ -51,8 +51,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::error::Error;
+use crate::messages::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
 use crate::protocol::{Grant, LockTable, Membership, View, ViewChange};
-use crate::rpc::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
 use crate::types::{Committed, Txn, TxnId, Write};
 
 /// Timing and size limits of the core (milliseconds and counts).

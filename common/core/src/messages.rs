@@ -1,0 +1,198 @@
+//! The messages of Treaty's RPCs: plain data, no I/O. The services that
+//! carry them (tarpc) are in `treaty_core::rpc`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Txn, TxnId, Write};
+
+/// Identifies one cluster; stored in every node's data directory so that a
+/// directory from another cluster is refused instead of silently mixed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClusterId(pub u64);
+
+impl std::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One run of the coordinator process over its data directory: the
+/// generation counts starts (durably), the nonce is random per start. A
+/// participant follows one incarnation at a time and only ever moves to a
+/// higher generation, after a check-in the coordinator verified; so a
+/// coordinator restarted from an older copy of its data (a restored backup,
+/// a damaged disk) meets a participant that knows a newer or a different
+/// incarnation, and is fenced off instead of contradicting it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Incarnation {
+    pub generation: u64,
+    pub nonce: u64,
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "generation {} ({:08x})", self.generation, self.nonce as u32)
+    }
+}
+
+/// PREPARE for a batch of transactions: for each, check the conditions, lock
+/// the keys and log the writes; make the whole batch durable with one sync;
+/// answer one vote per transaction, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareBatch {
+    pub cluster: ClusterId,
+    /// The coordinator incarnation sending it; must be the one the
+    /// participant follows.
+    pub coordinator: Incarnation,
+    /// The replica (data directory) the coordinator believes it is talking
+    /// to; a different one at the participant's address refuses.
+    pub replica: u64,
+    /// The participant id the coordinator believes it is talking to; a
+    /// mismatch means swapped or duplicate ids and is refused.
+    pub to: u64,
+    /// The view's epoch; a participant refuses an epoch older than one it knows.
+    pub epoch: u64,
+    /// The participant must have applied up to here before it votes (its
+    /// join index if it was readmitted).
+    pub min_applied: u64,
+    pub items: Vec<PrepareItem>,
+}
+
+/// One transaction of a [`PrepareBatch`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrepareItem {
+    /// Unique per coordinator attempt at this transaction; an ABORT ends
+    /// only the attempt it names, so a retry is never undone by a stale one.
+    pub attempt: u64,
+    /// Shared, not copied, between the batches to every participant.
+    pub txn: std::sync::Arc<Txn>,
+}
+
+/// A participant's vote. `No` carries the failing condition, rendered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Vote {
+    Yes,
+    No(String),
+}
+
+/// What the coordinator knows about a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Committed(u64),
+    /// No commit record and not running: it has not taken effect.
+    Aborted,
+    /// Still collecting votes: ask again later.
+    Pending,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Committed(index) => write!(f, "committed at index {index}"),
+            Outcome::Aborted => f.write_str("not committed (it has not taken effect)"),
+            Outcome::Pending => f.write_str("still running: ask again shortly"),
+        }
+    }
+}
+
+/// One committed transaction as kept in the coordinator's decision log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub index: u64,
+    pub txn_id: TxnId,
+    pub writes: Vec<Write>,
+}
+
+/// A participant's periodic check-in with the coordinator: who it is, how far
+/// it has applied, and which prepared transactions it is unsure about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub node_id: u64,
+    /// This participant's data directory (random, made with it): tells a
+    /// restarted replica from a new one, and two processes claiming one id apart.
+    pub replica: u64,
+    /// `None` until the participant has joined a cluster for the first time.
+    pub cluster: Option<ClusterId>,
+    /// The coordinator incarnation this participant follows (`None`: none yet).
+    pub coordinator: Option<Incarnation>,
+    /// The highest commit index this participant knows was decided (applied
+    /// here, or announced by the coordinator it follows). A coordinator
+    /// whose log ends below it has lost decisions.
+    pub seen_index: u64,
+    /// Prepared transactions here whose outcome is unknown, however recent
+    /// (`in_doubt` lists only those old enough to ask about).
+    pub undecided: u64,
+    pub applied_index: u64,
+    /// Prepared, undecided transactions with the attempt that prepared them.
+    pub in_doubt: Vec<(TxnId, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncReply {
+    pub cluster: ClusterId,
+    /// Who answered: the participant follows it from now on.
+    pub coordinator: Incarnation,
+    /// Highest commit index decided so far.
+    pub last_index: u64,
+    pub outcomes: Vec<(TxnId, u64, Outcome)>,
+    pub epoch: u64,
+    /// Whether the participant is in the current view.
+    pub member: bool,
+    /// A read lease of this many ms, counted from when the participant sent
+    /// the request.
+    pub lease_ms: Option<u64>,
+    /// Apply up to here before voting or serving linearizable reads.
+    pub min_applied: u64,
+}
+
+/// One node's own view of itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// 0 for the coordinator, 1..=N for participants.
+    pub id: u64,
+    pub role: String,
+    pub addr: String,
+    /// Participants: the data directory's random id (see [`SyncRequest::replica`]).
+    pub replica: u64,
+    /// Coordinator: why it refuses to work (its log is behind the cluster's),
+    /// or while it verifies its log after a start.
+    pub fenced: Option<String>,
+    /// Coordinator: its own incarnation. Participant: the one it follows.
+    pub coordinator: Option<Incarnation>,
+    pub cluster: Option<ClusterId>,
+    /// Participants: highest commit index applied. Coordinator: highest decided.
+    pub applied_index: u64,
+    /// Participants: caught up and serving reads and votes.
+    pub ready: bool,
+    /// Transactions prepared here and not yet applied or aborted.
+    pub prepared: u64,
+    /// Durable syncs (flush + fdatasync) since start; with `commits` this
+    /// tells how many syncs one commit costs.
+    pub syncs: u64,
+    /// Transactions committed (coordinator) or applied (participant) since start.
+    pub commits: u64,
+    /// Write-path RPCs since start, each a request and its answer.
+    /// Coordinator: submits received, PREPARE batches and outcome messages
+    /// sent. Participant: PREPARE batches and outcome messages received,
+    /// submits forwarded. With `commits` this tells what batching saves.
+    pub rpcs: u64,
+    /// The view epoch this node knows.
+    pub epoch: u64,
+    /// Participants: in the view as far as it knows.
+    pub member: bool,
+    /// Participants: ms left on the read lease (`None`: holds none).
+    pub lease_ms: Option<u64>,
+    /// Transactions prepared here and undecided, with their age in ms.
+    pub in_doubt: Vec<(TxnId, u64)>,
+}
+
+/// The whole cluster as the coordinator sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub coordinator: NodeStatus,
+    /// Members of the current view (epoch in `coordinator.epoch`).
+    pub members: Vec<u64>,
+    pub min_replicas: u64,
+    /// Participants in id order: their status, or why they did not answer.
+    pub participants: Vec<(u64, String, Result<NodeStatus, String>)>,
+}
