@@ -114,6 +114,40 @@ async fn concurrent_compare_and_swap_increments_are_serializable() {
     assert_eq!(v[0].as_ref().unwrap().0, wins.to_string().into_bytes(), "lost update: {wins} successful increments");
 }
 
+/// Concurrent writes share PREPARE batches, syncs and outcome messages:
+/// unbatched, every commit costs each participant one PREPARE and one
+/// outcome RPC and one sync. The counters are the ones `treaty status` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_prepare_batches_syncs_and_outcome_messages() {
+    let c = Cluster::start(3).await;
+    let before = c.client().cluster_status().await.unwrap();
+    let clients: Vec<_> = (0..4).map(|_| std::sync::Arc::new(c.client())).collect();
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let client = clients[i % clients.len()].clone();
+                tokio::spawn(async move { client.put(format!("k{round}-{i}").as_bytes(), b"v").await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    assert!(c.wait_applied(Duration::from_secs(10)).await);
+    let after = c.client().cluster_status().await.unwrap();
+    let commits = after.coordinator.commits - before.coordinator.commits;
+    assert_eq!(commits, 192);
+    let coordinator_rpcs = after.coordinator.rpcs - before.coordinator.rpcs;
+    // 192 submits plus, unbatched, 2 x 3 x 192 PREPAREs and outcomes.
+    assert!(coordinator_rpcs < 192 + 3 * 192, "coordinator: {coordinator_rpcs} RPCs for {commits} commits");
+    for ((id, _, b), (_, _, a)) in before.participants.iter().zip(&after.participants) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        let (rpcs, syncs) = (a.rpcs - b.rpcs, a.syncs - b.syncs);
+        assert!(rpcs < commits, "participant {id}: {rpcs} RPCs for {commits} commits (unbatched: {})", 2 * commits);
+        assert!(syncs < commits / 2, "participant {id}: {syncs} syncs for {commits} commits");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_limit_input_gets_a_clear_error_and_stores_nothing() {
     let c = Cluster::start(3).await;
