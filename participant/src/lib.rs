@@ -1,8 +1,11 @@
 //! `treaty-participant`: one replica. It votes in 2PC, keeps its data and
 //! write-ahead log in sled, applies commits in index order, and serves reads.
 //!
-//! The protocol decisions live in [`treaty_common::protocol::ReplicaCore`];
-//! this crate is the I/O around it:
+//! The protocol decisions live in two pure state machines:
+//! [`ReplicaCore`] (its transactions: key locks, the WAL's contents, commits
+//! waiting for their turn) and [`ParticipantCore`] (its standing: cluster,
+//! incarnation followed, epoch, membership, lease, readiness). This crate is
+//! the I/O around them:
 //! * RPC handlers feed PREPARE / COMMIT / ABORT into the core and carry out
 //!   what it returns: log the PREPARED record, wait for the group sync, vote.
 //! * The *applier* task applies the runs of commits the core hands out, one
@@ -13,9 +16,8 @@
 //!   serves linearizable reads (it says so).
 //!
 //! Whom it listens to: PREPARE, COMMIT and ABORT only from the coordinator's
-//! certificate, and only from the coordinator incarnation it follows (it
-//! moves to a newer one only through a check-in that incarnation verified;
-//! see the coordinator's "Fencing"); a PREPARE must also name this replica
+//! certificate, and only from the coordinator incarnation it follows (see
+//! [`ParticipantCore`] and the coordinator's "Fencing"); a PREPARE must also name this replica
 //! (its data directory's id). A message that fails any check, or that
 //! contradicts what this replica already knows, is answered with an error
 //! and changes nothing.
@@ -29,7 +31,7 @@ pub mod cli;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,7 @@ use tracing::{debug, error, info, warn};
 
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
-use treaty_common::protocol::{CommitStep, PrepareStep, PreparedRecord, ReplicaCore};
+use treaty_common::protocol::{CommitStep, ParticipantCore, PrepareStep, PreparedRecord, ReplicaCore};
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
     Peer, PrepareBatch, SyncRequest, Vote,
@@ -88,9 +90,6 @@ impl Config {
 
 /// Ask the coordinator about a prepared transaction after this many ticks.
 const IN_DOUBT_TICKS: u64 = 5;
-/// A non-member this close to the log's end counts as recovered (it still
-/// applies up to its join index before voting or serving reads).
-const JOIN_GAP: u64 = 128;
 /// A replica that never joined gives up on an unreachable coordinator after this.
 const NEVER_JOINED_GIVE_UP: Duration = Duration::from_secs(15);
 /// Fetch missed log entries after being behind without progress this long.
@@ -101,15 +100,13 @@ struct Node {
     addr: String,
     /// This data directory's random id (see `SyncRequest::replica`).
     replica: u64,
-    /// The coordinator incarnation this replica follows (durable in `meta`).
-    following: Mutex<Option<Incarnation>>,
-    /// Highest commit index known decided (durable in `meta`, lazily).
-    seen_index: AtomicU64,
+    /// Cluster, incarnation followed, epoch, membership, lease, readiness
+    /// (see its docs). Lock order: `standing` before `core`.
+    standing: Mutex<ParticipantCore>,
+    /// Milliseconds for `standing` count from here.
+    origin: Instant,
     store: ReplicaStore,
     core: Mutex<ReplicaCore>,
-    cluster: Mutex<Option<ClusterId>>,
-    /// Caught up with the coordinator since start: may vote and serve reads.
-    ready: AtomicBool,
     /// Bumped whenever locks are released or the applied index moves.
     changed: watch::Sender<u64>,
     apply_wake: Notify,
@@ -121,17 +118,6 @@ struct Node {
     applied_count: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
     rpcs: AtomicU64,
-    /// The coordinator's last index as of the latest check-in.
-    cluster_last: AtomicU64,
-    /// The highest view epoch heard of, and whether this node is in it.
-    epoch: AtomicU64,
-    member: AtomicBool,
-    /// Apply up to here before voting or serving linearizable reads.
-    min_applied: AtomicU64,
-    /// Linearizable reads are served only before this instant.
-    lease_until: Mutex<Option<Instant>>,
-    /// When the coordinator last answered a check-in.
-    last_contact: Mutex<Option<Instant>>,
     tick: Duration,
     fatal: mpsc::UnboundedSender<String>,
     lock_wait: Duration,
@@ -146,26 +132,19 @@ fn fatal_storage(what: &str, e: Error) -> ! {
 }
 
 impl Node {
-    fn check_cluster(&self, cluster: ClusterId) -> Result<()> {
-        match *self.cluster.lock().unwrap() {
-            Some(mine) if mine == cluster => Ok(()),
-            Some(mine) => {
-                Err(Error::Identity(format!("participant {} belongs to cluster {mine}, not {cluster}", self.id)))
-            }
-            None => Err(Error::NotReady(format!(
-                "participant {} has not joined the cluster yet (waiting for the coordinator)",
-                self.id
-            ))),
-        }
+    /// Milliseconds since `origin`: the time `standing` works in.
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
     }
 
-    fn not_ready(&self) -> Error {
+    /// "Still catching up", for a replica whose standing is `standing`.
+    fn not_ready(&self, standing: &ParticipantCore) -> Error {
         let applied = self.core.lock().unwrap().applied_index();
         Error::NotReady(format!(
             "participant {} at {} is catching up (applied {applied} of {}); retry shortly, use another endpoint, or read with --stale",
             self.id,
             self.addr,
-            self.cluster_last.load(Ordering::Relaxed)
+            standing.cluster_last()
         ))
     }
 
@@ -173,40 +152,13 @@ impl Node {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Accepts a message only from the coordinator incarnation this replica
-    /// follows. Any other of the same or a newer generation is followed once
-    /// this replica has checked in with it (asked for at once); an older one
-    /// is refused: its data is behind the cluster's.
-    ///
-    /// The same generation with another nonce is not proof of anything: a
-    /// restored newest copy reuses the generation of the start that ran
-    /// after the copy was taken. Whether such a coordinator may decide is
-    /// settled by its check-in verification, never here.
-    fn check_incarnation(&self, what: &str, from: Incarnation) -> Result<()> {
-        let following = *self.following.lock().unwrap();
-        match following {
-            Some(f) if f == from => Ok(()),
-            Some(f) if from.generation >= f.generation => {
-                self.check_in.notify_one();
-                Err(Error::NotReady(format!(
-                    "participant {}: {what} from coordinator {from}, which it has not checked in with yet (it \
-                     follows {f}); retry",
-                    self.id
-                )))
-            }
-            None => {
-                self.check_in.notify_one();
-                Err(Error::NotReady(format!(
-                    "participant {} has not checked in with the coordinator yet; retry",
-                    self.id
-                )))
-            }
-            Some(f) => Err(Error::Fenced(format!(
-                "participant {} refuses a {what} from coordinator {from}: it follows {f}, so that coordinator runs \
-                 on an older copy of its data dir than the cluster has seen (restored from an old backup?)",
-                self.id
-            ))),
+    /// A refusal that asks for a check-in (a message from an incarnation
+    /// not followed yet) gets one at once.
+    fn checked(&self, r: Result<()>) -> Result<()> {
+        if matches!(r, Err(Error::NotReady(_))) {
+            self.check_in.notify_one();
         }
+        r
     }
 
     /// PREPARE for a batch: checks that concern the whole batch first (who
@@ -214,36 +166,12 @@ impl Node {
     /// every record to log is written in one sled batch and made durable by
     /// one sync before any vote leaves.
     async fn prepare(&self, req: PrepareBatch) -> Result<Vec<Result<Vote>>> {
-        self.check_cluster(req.cluster)?;
-        if req.to != self.id {
-            return Err(Error::Identity(format!(
-                "this participant was started with id {}, but the coordinator sent it a PREPARE for participant {}: \
-                 ids are positions in the coordinator's --participants list; check --id (TREATY_ID) and the list",
-                self.id, req.to
-            )));
-        }
-        self.check_incarnation("PREPARE", req.coordinator)?;
-        if req.replica != self.replica {
-            return Err(Error::NotReady(format!(
-                "participant {} is replica {:016x} (data dir {}), but the coordinator's view has replica {:016x} for \
-                 it: this data dir replaced the one the view knows, and rejoins once it has caught up",
-                self.id,
-                self.replica,
-                self.store.dir().display(),
-                req.replica
-            )));
-        }
-        if !self.ready.load(Ordering::Acquire) {
-            return Err(self.not_ready());
-        }
-        let known = self.epoch.fetch_max(req.epoch, Ordering::AcqRel);
-        if req.epoch < known {
-            return Err(Error::Conflict(format!(
-                "participant {}: PREPARE from view epoch {} but epoch {known} is current; retry",
-                self.id, req.epoch
-            )));
-        }
-        self.member.store(true, Ordering::Release);
+        let checked = {
+            let mut standing = self.standing.lock().unwrap();
+            standing
+                .check_prepare(req.cluster, req.to, req.coordinator, req.replica, req.epoch, |st| self.not_ready(st))
+        };
+        self.checked(checked)?;
         let give_up = Instant::now() + self.lock_wait;
         // A readmitted replica first applies everything decided before it
         // rejoined: it never prepared those, so its locks cannot cover them.
@@ -398,10 +326,10 @@ impl Node {
         if stale {
             return self.store.get(&key);
         }
-        if !self.ready.load(Ordering::Acquire) {
-            return Err(self.not_ready());
+        {
+            let standing = self.standing.lock().unwrap();
+            standing.check_read(self.now_ms(), &self.coordinator.addr, |st| self.not_ready(st))?;
         }
-        self.check_lease()?;
         let give_up = Instant::now() + self.lock_wait;
         loop {
             let mut changed = self.changed.subscribe();
@@ -428,47 +356,8 @@ impl Node {
         }
     }
 
-    /// Linearizable reads need a valid lease: proof that the coordinator
-    /// will not commit anything without this replica until it expires.
-    fn check_lease(&self) -> Result<()> {
-        let until = *self.lease_until.lock().unwrap();
-        if until.is_some_and(|u| Instant::now() < u) {
-            return Ok(());
-        }
-        let why = if !self.member.load(Ordering::Acquire) {
-            format!(
-                "it is not in the current view (epoch {}) and is catching up to rejoin",
-                self.epoch.load(Ordering::Acquire)
-            )
-        } else {
-            match *self.last_contact.lock().unwrap() {
-                Some(t) if t.elapsed() < Duration::from_secs(1) => format!(
-                    "the coordinator at {} has not granted one yet (it was just readmitted, or is still applying \
-                     up to its join index {})",
-                    self.coordinator.addr,
-                    self.min_applied.load(Ordering::Acquire)
-                ),
-                Some(t) => format!(
-                    "the coordinator at {} has not renewed it for {:.1} s",
-                    self.coordinator.addr,
-                    t.elapsed().as_secs_f64()
-                ),
-                None => format!("the coordinator at {} has not granted one yet", self.coordinator.addr),
-            }
-        };
-        Err(Error::NotReady(format!(
-            "participant {} holds no read lease: {why}; retry another endpoint, or read with --stale for local (possibly stale) data",
-            self.id
-        )))
-    }
-
     fn status(&self) -> NodeStatus {
-        let lease_ms = self
-            .lease_until
-            .lock()
-            .unwrap()
-            .and_then(|u| u.checked_duration_since(Instant::now()))
-            .map(|d| d.as_millis() as u64);
+        let standing = self.standing.lock().unwrap();
         let core = self.core.lock().unwrap();
         let tick_ms = self.tick.as_millis() as u64;
         NodeStatus {
@@ -477,17 +366,17 @@ impl Node {
             addr: self.addr.clone(),
             replica: self.replica,
             fenced: None,
-            coordinator: *self.following.lock().unwrap(),
-            cluster: *self.cluster.lock().unwrap(),
+            coordinator: standing.following(),
+            cluster: standing.cluster(),
             applied_index: core.applied_index(),
-            ready: self.ready.load(Ordering::Acquire),
+            ready: standing.ready(),
             prepared: core.prepared_count() as u64,
             syncs: self.sync.count(),
             commits: self.applied_count.load(Ordering::Relaxed),
             rpcs: self.rpcs.load(Ordering::Relaxed),
-            epoch: self.epoch.load(Ordering::Acquire),
-            member: self.member.load(Ordering::Acquire),
-            lease_ms,
+            epoch: standing.epoch(),
+            member: standing.member(),
+            lease_ms: standing.lease_ms(self.now_ms()),
             in_doubt: core.in_doubt_ages().into_iter().map(|(t, age)| (t, age * tick_ms)).collect(),
         }
     }
@@ -528,20 +417,23 @@ impl Node {
                 _ = self.catch_up.notified() => { behind_ticks = STUCK_TICKS; }
                 _ = self.check_in.notified() => {}
             }
-            let ready = self.ready.load(Ordering::Acquire);
+            let (ready, cluster, following, seen_index) = {
+                let st = self.standing.lock().unwrap();
+                (st.ready(), st.cluster(), st.following(), st.seen_index())
+            };
             let (applied, in_doubt, undecided) = {
                 let mut core = self.core.lock().unwrap();
                 core.tick();
                 let undecided = core.in_doubt(0).len() as u64;
                 (core.applied_index(), core.in_doubt(if ready { IN_DOUBT_TICKS } else { 0 }), undecided)
             };
-            let sent = Instant::now();
+            let sent = self.now_ms();
             let req = SyncRequest {
                 node_id: self.id,
                 replica: self.replica,
-                cluster: *self.cluster.lock().unwrap(),
-                coordinator: *self.following.lock().unwrap(),
-                seen_index: self.seen_index.load(Ordering::Acquire).max(applied),
+                cluster,
+                coordinator: following,
+                seen_index: seen_index.max(applied),
                 undecided,
                 applied_index: applied,
                 in_doubt,
@@ -583,7 +475,7 @@ impl Node {
                     // coordinator is most likely misconfigured: say so and
                     // exit rather than wait silently forever.
                     unreachable_since.get_or_insert_with(Instant::now);
-                    let never_joined = self.cluster.lock().unwrap().is_none();
+                    let never_joined = cluster.is_none();
                     if never_joined && unreachable_since.is_some_and(|t| t.elapsed() >= NEVER_JOINED_GIVE_UP) {
                         let _ = self.fatal.send(format!(
                             "cannot reach the coordinator at {} for {:?} and this replica never joined a cluster: \
@@ -595,60 +487,30 @@ impl Node {
                     continue;
                 }
             };
+            // Persisted under the lock: nothing acts on the new standing
+            // (a PREPARE from the incarnation now followed) before it is.
             {
-                let mut cluster = self.cluster.lock().unwrap();
-                match *cluster {
-                    None => {
-                        if let Err(e) = self.store.set_cluster(reply.cluster) {
-                            fatal_storage("recording the cluster id", e);
-                        }
-                        info!(cluster = %reply.cluster, "joined cluster");
-                        *cluster = Some(reply.cluster);
-                    }
-                    Some(c) if c != reply.cluster => {
-                        let _ = self.fatal.send(format!(
-                            "this replica's data dir belongs to cluster {c}, but the coordinator at {} leads cluster {}: \
-                             point --coordinator at this replica's own cluster, or use an empty data dir",
-                            self.coordinator.addr, reply.cluster
-                        ));
+                let mut standing = self.standing.lock().unwrap();
+                let persist = match standing.on_reply(&reply, sent, self.now_ms()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = self.fatal.send(format!("{e} (the coordinator at {})", self.coordinator.addr));
                         return;
                     }
-                    Some(_) => {}
+                };
+                if let Some(c) = persist.cluster {
+                    self.store.set_cluster(c).unwrap_or_else(|e| fatal_storage("recording the cluster id", e));
+                    info!(cluster = %c, "joined cluster");
                 }
-            }
-            {
-                let mut following = self.following.lock().unwrap();
-                if *following != Some(reply.coordinator) {
-                    // The coordinator verified this check-in, so it knows
-                    // the incarnation followed so far: move to it.
-                    if let Err(e) = self.store.set_following(reply.coordinator) {
-                        fatal_storage("recording the coordinator incarnation", e);
-                    }
-                    info!(coordinator = %reply.coordinator, previous = ?*following, "following coordinator");
-                    *following = Some(reply.coordinator);
+                if let Some((previous, now)) = persist.following {
+                    self.store
+                        .set_following(now)
+                        .unwrap_or_else(|e| fatal_storage("recording the coordinator incarnation", e));
+                    info!(coordinator = %now, ?previous, "following coordinator");
                 }
-            }
-            if self.seen_index.fetch_max(reply.last_index, Ordering::AcqRel) < reply.last_index {
-                if let Err(e) = self.store.set_seen_index(reply.last_index) {
-                    fatal_storage("recording the seen index", e);
+                if let Some(i) = persist.seen_index {
+                    self.store.set_seen_index(i).unwrap_or_else(|e| fatal_storage("recording the seen index", e));
                 }
-            }
-            self.cluster_last.store(reply.last_index, Ordering::Relaxed);
-            *self.last_contact.lock().unwrap() = Some(Instant::now());
-            self.epoch.fetch_max(reply.epoch, Ordering::AcqRel);
-            if reply.epoch >= self.epoch.load(Ordering::Acquire) {
-                self.member.store(reply.member, Ordering::Release);
-            }
-            self.min_applied.fetch_max(reply.min_applied, Ordering::AcqRel);
-            // The lease counts from when the request left, shortened by 10%
-            // for clock-rate drift, so it ends before the coordinator's count.
-            // A reply without one does not revoke a lease still running: the
-            // coordinator counts every lease it granted (a restarted one
-            // assumes a full lease per member) until it has expired.
-            if let Some(ms) = reply.lease_ms {
-                let mut lease = self.lease_until.lock().unwrap();
-                let new = sent + Duration::from_millis(ms * 9 / 10);
-                *lease = Some(lease.map_or(new, |old| old.max(new)));
             }
             for (txn_id, attempt, outcome) in reply.outcomes {
                 // Refusals are logged where they happen; the rest proceeds.
@@ -674,13 +536,13 @@ impl Node {
             }
             last_applied = applied;
             if !ready {
-                let core = self.core.lock().unwrap();
-                let applied = core.applied_index();
-                let close_enough = applied >= reply.last_index
-                    || (!self.member.load(Ordering::Acquire) && applied + JOIN_GAP >= reply.last_index);
-                if close_enough && core.in_doubt(0).is_empty() {
-                    self.ready.store(true, Ordering::Release);
-                    info!(applied = core.applied_index(), "caught up: voting and serving reads");
+                let mut standing = self.standing.lock().unwrap();
+                let (applied, in_doubt) = {
+                    let core = self.core.lock().unwrap();
+                    (core.applied_index(), core.in_doubt(0).len())
+                };
+                if standing.maybe_ready(applied, in_doubt) {
+                    info!(applied, "caught up: voting and serving reads");
                 }
             }
         }
@@ -689,7 +551,7 @@ impl Node {
     /// Fetches and applies missed log entries, batch after batch, for up
     /// to about two seconds (the sync loop calls again if still behind).
     async fn fetch_missing(&self, applied: u64) -> Result<()> {
-        let cluster = self.cluster.lock().unwrap().expect("joined before fetching");
+        let cluster = self.standing.lock().unwrap().cluster().expect("joined before fetching");
         let started = Instant::now();
         let mut from = applied + 1;
         let mut fetched = 0u64;
@@ -764,8 +626,8 @@ impl ParticipantService for Server {
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
-        self.node.check_cluster(cluster)?;
-        self.node.check_incarnation("COMMIT", from)?;
+        let checked = self.node.standing.lock().unwrap().check_decide(cluster, from);
+        self.node.checked(checked)?;
         self.node.decide(commits, aborts)
     }
 
@@ -844,12 +706,17 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         id: config.id,
         addr: addr.clone(),
         replica,
-        following: Mutex::new(following),
-        seen_index: AtomicU64::new(seen_index),
+        standing: Mutex::new(ParticipantCore::new(
+            config.id,
+            replica,
+            config.data_dir.display().to_string(),
+            cluster,
+            following,
+            seen_index,
+        )),
+        origin: Instant::now(),
         store,
         core: Mutex::new(core),
-        cluster: Mutex::new(cluster),
-        ready: AtomicBool::new(false),
         changed: watch::channel(0).0,
         apply_wake: Notify::new(),
         catch_up: Notify::new(),
@@ -864,12 +731,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         .with_max_call(Duration::from_secs(21)),
         applied_count: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
-        cluster_last: AtomicU64::new(0),
-        epoch: AtomicU64::new(0),
-        member: AtomicBool::new(false),
-        min_applied: AtomicU64::new(0),
-        lease_until: Mutex::new(None),
-        last_contact: Mutex::new(None),
         tick: config.tick,
         fatal: fatal_tx,
         lock_wait: config.lock_wait,

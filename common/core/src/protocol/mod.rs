@@ -9,6 +9,10 @@
 //!   acquire their keys in key order, so conflicting ones queue up instead of
 //!   aborting each other, and no cycle (deadlock) can form.
 //!
+//! * [`ParticipantCore`] is the rest of a participant's protocol state: the
+//!   cluster and coordinator incarnation it follows, the epoch and membership
+//!   it knows, its read lease, whether it has caught up; it checks every
+//!   message before the I/O layer acts on it.
 //! * [`Membership`] is the coordinator's view (epoch + members), failure
 //!   detection and read leases, driven by check-ins, pings and ticks.
 //! * [`CoordinatorCore`] is the coordinator's whole 2PC protocol: locks,
@@ -20,9 +24,11 @@
 mod coordinator;
 mod locks;
 mod membership;
+mod participant;
 mod replica;
 
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
 pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
+pub use participant::{ParticipantCore, Persist, JOIN_GAP};
 pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore};
