@@ -857,18 +857,25 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// Submits a new transaction with chance 1/8 per step until `until`.
+    fn load_until(&mut self, until: u64, faults: bool, next: &mut u128) {
+        while self.now < until {
+            if self.rng.chance(8) {
+                self.submit(*next);
+                *next += 1;
+            }
+            self.step(faults);
+        }
+    }
+}
+
 /// Runs one seeded simulation and checks it; returns (committed, told).
 fn simulate(seed: u64) -> (usize, usize, u64, u32, u32) {
     let mut sim = Sim::new(seed, 5);
     let mut next = 1u128;
     // 4 s of load and faults, then healing.
-    while sim.now < 4000 {
-        if sim.rng.chance(8) {
-            sim.submit(next);
-            next += 1;
-        }
-        sim.step(true);
-    }
+    sim.load_until(4000, true, &mut next);
     sim.loss = 0;
     if !sim.coordinator_up {
         sim.restart_coordinator();
@@ -983,23 +990,10 @@ fn simulation_cost() {
         let (c, told, ms, _, _) = simulate(seed);
         eprintln!("seed {seed}: {c} committed, {told} told, {ms} ms simulated, {:?} real", t0.elapsed());
         let mut sim = Sim::new(seed, 5);
-        let mut next = 1u128;
-        while sim.now < 4000 {
-            if sim.rng.chance(8) {
-                sim.submit(next);
-                next += 1;
-            }
-            sim.step(true);
-        }
+        sim.load_until(4000, true, &mut 1);
         let mut calm = Sim::new(seed, 0);
         let mut n2 = 1u128;
-        while calm.now < 4000 {
-            if calm.rng.chance(8) {
-                calm.submit(n2);
-                n2 += 1;
-            }
-            calm.step(false);
-        }
+        calm.load_until(4000, false, &mut n2);
         eprintln!(
             "  without faults: {} submitted, {} told, {} running, log {}",
             n2 - 1,
