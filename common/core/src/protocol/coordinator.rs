@@ -53,7 +53,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::messages::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
 use crate::protocol::{Grant, LockTable, Membership, View, ViewChange};
-use crate::types::{Committed, Txn, TxnId, Write};
+use crate::types::{Committed, Txn, TxnId};
 
 /// Timing and size limits of the core (milliseconds and counts).
 #[derive(Clone, Debug)]
@@ -486,7 +486,7 @@ impl CoordinatorCore {
         for p in &self.persisting {
             match &p.decision {
                 Decided::Commit { index, .. } => {
-                    let writes = self.txns.get(&p.txn).map(|e| writes_of(&e.txn)).unwrap_or_default();
+                    let writes = self.txns.get(&p.txn).map(|e| e.txn.writes.clone()).unwrap_or_default();
                     commits.push(LogEntry { index: *index, txn_id: p.txn, writes });
                 }
                 Decided::ConditionFailed(reason) => aborts.push((p.txn, reason.clone())),
@@ -754,10 +754,6 @@ impl CoordinatorCore {
     pub fn on_ping(&mut self, id: u64, replica: Option<u64>, now: u64) {
         self.membership.on_ping(id, replica, now);
     }
-}
-
-fn writes_of(txn: &Arc<Txn>) -> Vec<Write> {
-    txn.writes.clone()
 }
 
 fn merge_errors(errors: Vec<Error>) -> Error {

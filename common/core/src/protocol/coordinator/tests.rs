@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::protocol::{CommitStep, MembershipConfig, PrepareStep, ReplicaCore};
-use crate::types::Condition;
+use crate::types::{Condition, Write};
 use proptest::prelude::*;
 
 const INC: Incarnation = Incarnation { generation: 1, nonce: 7 };
