@@ -65,7 +65,7 @@ use treaty_common::rpc::{
 };
 use treaty_common::tls::{Expect, Security};
 use treaty_common::{Committed, Error, Result, Txn, TxnId};
-use treaty_storage::{CoordinatorStore, Decision, GroupSync};
+use treaty_storage::{CoordinatorStore, Decision, Durability};
 
 /// How the coordinator is configured (flags / `TREATY_*` variables).
 #[derive(Clone, Debug)]
@@ -131,7 +131,8 @@ struct Coordinator {
     committed: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
     rpcs: AtomicU64,
-    sync: GroupSync,
+    /// Decision syncs since start (the persister's).
+    syncs: AtomicU64,
     config: Config,
     clock: Instant,
 }
@@ -420,7 +421,7 @@ impl Coordinator {
             applied_index: self.last_index.load(Ordering::Acquire),
             ready: m.check_writable().is_ok(),
             prepared: p.core.running() as u64,
-            syncs: self.sync.count(),
+            syncs: self.syncs.load(Ordering::Relaxed),
             commits: self.committed.load(Ordering::Relaxed),
             rpcs: self.rpcs.load(Ordering::Relaxed),
             epoch: m.view().epoch,
@@ -465,25 +466,31 @@ fn decision_result(d: Decision) -> Result<Committed> {
     }
 }
 
-/// The persister: writes each batch of decisions, makes it durable with one
-/// sync, then tells the core (which answers and sends COMMITs only then).
-async fn persister(me: Arc<Coordinator>, mut rx: mpsc::UnboundedReceiver<Decisions>) {
+/// The persister: writes each batch of decisions and makes it durable with
+/// one sync, in one blocking call (it alone writes decisions, so there is
+/// nothing to group with), then tells the core, which answers and sends
+/// COMMITs only then.
+async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mpsc::UnboundedReceiver<Decisions>) {
     while let Some((commits, aborts)) = rx.recv().await {
         crash_point!("coordinator::before_decision");
         let store = me.store.clone();
         let last = commits.last().map(|e| e.index);
-        let written = tokio::task::spawn_blocking(move || {
-            store.record_commits(&commits)?;
-            for (txn, reason) in &aborts {
-                store.record_abort(*txn, reason)?;
-            }
-            Ok::<_, Error>(())
+        let (d, written) = tokio::task::spawn_blocking(move || {
+            let written = (|| {
+                store.record_commits(&commits)?;
+                for (txn, reason) in &aborts {
+                    store.record_abort(*txn, reason)?;
+                }
+                crash_point!("coordinator::before_decision_sync");
+                durability.sync()
+            })();
+            (durability, written)
         })
         .await
         .expect("persist task panicked");
+        durability = d;
         written.unwrap_or_else(|e| fatal_storage("recording decisions", e));
-        crash_point!("coordinator::before_decision_sync");
-        me.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing decisions", e));
+        me.syncs.fetch_add(1, Ordering::Relaxed);
         crash_point!("coordinator::after_decision_sync");
         if let Some(last) = last {
             me.last_index.fetch_max(last, Ordering::AcqRel);
@@ -558,10 +565,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let last = store.last_index()?;
     let (incarnation, history) = store.start_incarnation()?;
     info!(%addr, %cluster, last_index = last, %incarnation, participants = ?config.participants, "coordinator starting");
-    let sync = GroupSync::start(store.durability()?);
+    let mut durability = store.durability()?;
     // What a killed process left written but unsynced is in the file now and
     // is about to be served as durable: make it so.
-    sync.sync().await?;
+    durability.sync()?;
     let peers = config
         .participants
         .iter()
@@ -611,11 +618,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         last_index: AtomicU64::new(last),
         committed: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
-        sync,
+        syncs: AtomicU64::new(1),
         config,
         clock: Instant::now(),
     });
-    tokio::spawn(persister(coord.clone(), persist_rx));
+    tokio::spawn(persister(coord.clone(), durability, persist_rx));
     tokio::spawn(coord.clone().monitor());
     let server_coord = coord.clone();
     net::serve(

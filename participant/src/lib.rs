@@ -262,6 +262,7 @@ impl Node {
                 match core.commit(txn_id, index, None) {
                     Ok(CommitStep::Queued) => queued = true,
                     Ok(CommitStep::AlreadyApplied) => {}
+                    Ok(CommitStep::Retired) => forget.push(txn_id),
                     Ok(CommitStep::Unknown) => {
                         warn!(txn = %txn_id, index, "commit of a transaction not prepared here; fetching the log");
                         self.catch_up.notify_one();
@@ -301,12 +302,21 @@ impl Node {
         match step {
             CommitStep::Queued => self.apply_wake.notify_one(),
             CommitStep::AlreadyApplied => {}
+            CommitStep::Retired => self.retire(txn_id),
             CommitStep::Unknown => {
                 warn!(txn = %txn_id, index, "commit of a transaction not prepared here; fetching the log");
                 self.catch_up.notify_one();
             }
         }
         Ok(())
+    }
+
+    /// Drops the PREPARED record of a transaction applied before a crash
+    /// that came between the apply's two writes (see `CommitStep::Retired`).
+    fn retire(&self, txn_id: TxnId) {
+        self.store.forget_prepared(&[txn_id]).unwrap_or_else(|e| fatal_storage("dropping a PREPARED record", e));
+        self.bump();
+        info!(txn = %txn_id, "dropped the record of a transaction applied before a crash");
     }
 
     fn abort(&self, txn_id: TxnId, attempt: u64) -> Result<()> {
@@ -392,9 +402,24 @@ impl Node {
                 };
                 crash_point!("participant::before_apply");
                 let store = self.store.clone();
-                let (store_result, batch) = tokio::task::spawn_blocking(move || (store.apply(&batch), batch))
-                    .await
-                    .expect("apply task panicked");
+                let (store_result, batch) = tokio::task::spawn_blocking(move || {
+                    let r = store.apply_data(&batch).and_then(|()| {
+                        // Test-only: a crash between the two writes of an apply.
+                        fail::fail_point!("participant::mid_apply", |_| {
+                            let _ = store.flush();
+                            tracing::error!(
+                                failpoint = "participant::mid_apply",
+                                "failpoint hit: aborting the process"
+                            );
+                            eprintln!("treaty: failpoint participant::mid_apply hit: aborting");
+                            std::process::abort();
+                        });
+                        store.retire(&batch)
+                    });
+                    (r, batch)
+                })
+                .await
+                .expect("apply task panicked");
                 store_result.unwrap_or_else(|e| fatal_storage("applying commits", e));
                 crash_point!("participant::after_apply");
                 self.core.lock().unwrap().applied(last);
@@ -565,13 +590,19 @@ impl Node {
             let Some(last) = entries.last().map(|e| e.index) else { break };
             let full = entries.len() == 1024;
             fetched += entries.len() as u64;
+            let mut retired = Vec::new();
             {
                 let mut core = self.core.lock().unwrap();
                 for e in entries {
-                    if let Err(err) = core.commit(e.txn_id, e.index, Some(e.writes)) {
-                        error!(error = %err, "the coordinator's log contradicts this replica");
+                    match core.commit(e.txn_id, e.index, Some(e.writes.into())) {
+                        Ok(CommitStep::Retired) => retired.push(e.txn_id),
+                        Ok(_) => {}
+                        Err(err) => error!(error = %err, "the coordinator's log contradicts this replica"),
                     }
                 }
+            }
+            for txn_id in retired {
+                self.retire(txn_id);
             }
             self.apply_wake.notify_one();
             // Let the applier finish this batch before asking for the next.

@@ -98,6 +98,9 @@ crash_tests! {
     // One that dies after voting must still end up with the commit.
     participant_crash_before_apply: 2, "participant::before_apply", Some(true);
     participant_crash_after_apply: 2, "participant::after_apply", Some(true);
+    // Between the apply's data write and its WAL removal: the leftover
+    // record must be retired, not stay in doubt (the node would never be ready).
+    participant_crash_mid_apply: 2, "participant::mid_apply", Some(true);
     coordinator_crash_before_prepare: 0, "coordinator::before_prepare", Some(false);
     coordinator_crash_before_decision: 0, "coordinator::before_decision", Some(false);
     // Written but not synced: a killed process may or may not have left it.

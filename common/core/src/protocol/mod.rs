@@ -31,4 +31,4 @@ pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
 pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
 pub use participant::{ParticipantCore, Persist, JOIN_GAP};
-pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore};
+pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore, Writes};

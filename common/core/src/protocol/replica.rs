@@ -25,11 +25,16 @@
 //! I/O layer can ask the coordinator about those in doubt for too long.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::types::{escape, Key, Txn, TxnId, Versioned, Write};
+
+/// A transaction's writes, shared between its WAL record, the lock table and
+/// the apply (serialized as a plain list).
+pub type Writes = Arc<Vec<Write>>;
 
 /// The WAL record of a prepared transaction: what to apply if it commits.
 /// Durable before the YES vote leaves.
@@ -39,7 +44,9 @@ pub struct PreparedRecord {
     /// The coordinator's attempt that prepared it (a retry of the same
     /// transaction id is a new attempt); aborts name the attempt they end.
     pub attempt: u64,
-    pub writes: Vec<Write>,
+    /// Shared with the replica's lock table and the apply that follows (one
+    /// copy per prepare; the bytes on disk are those of a plain list).
+    pub writes: Writes,
 }
 
 /// What the I/O layer must do with a PREPARE.
@@ -62,6 +69,10 @@ pub enum PrepareStep {
 pub enum CommitStep {
     /// At or below what is applied or being applied: nothing to do.
     AlreadyApplied,
+    /// Already applied, but its PREPARED record outlived the apply (a crash
+    /// between the apply's data write and the record's removal). The lock
+    /// is released here; the I/O layer drops the record.
+    Retired,
     /// Queued; [`ReplicaCore::next_apply`] will hand it out in order.
     Queued,
     /// A commit of a transaction this replica never prepared, without its
@@ -74,18 +85,21 @@ pub enum CommitStep {
 pub struct ApplyEntry {
     pub index: u64,
     pub txn_id: TxnId,
-    pub writes: Vec<Write>,
+    pub writes: Writes,
 }
 
 #[derive(Debug)]
 struct Prepared {
     attempt: u64,
-    writes: Vec<Write>,
+    writes: Writes,
     keys: Vec<Key>,
     /// The commit index, once the COMMIT has arrived.
     decided: Option<u64>,
     /// Ticks since prepared.
     age: u64,
+    /// Loaded from the WAL at a restart whose applied index was this: only
+    /// such a record can have outlived its own apply (see [`CommitStep::Retired`]).
+    recovered_at: Option<u64>,
 }
 
 /// How many aborted attempts to remember, so that a PREPARE overtaken by its
@@ -101,7 +115,7 @@ pub struct ReplicaCore {
     prepared: BTreeMap<TxnId, Prepared>,
     /// Decided commits not yet handed out, by index. `Some(writes)` for log
     /// entries of transactions never prepared here.
-    queue: BTreeMap<u64, (TxnId, Option<Vec<Write>>)>,
+    queue: BTreeMap<u64, (TxnId, Option<Writes>)>,
     /// Handed out, not yet applied: index -> txn.
     applying: BTreeMap<u64, TxnId>,
     aborted: BTreeSet<(TxnId, u64)>,
@@ -116,11 +130,12 @@ impl ReplicaCore {
         let mut core = ReplicaCore { applied_index, handed_out: applied_index, ..Default::default() };
         for rec in records {
             core.lock_and_insert(rec.txn_id, rec.attempt, rec.writes);
+            core.prepared.get_mut(&rec.txn_id).expect("just inserted").recovered_at = Some(applied_index);
         }
         core
     }
 
-    fn lock_and_insert(&mut self, txn_id: TxnId, attempt: u64, writes: Vec<Write>) {
+    fn lock_and_insert(&mut self, txn_id: TxnId, attempt: u64, writes: Writes) {
         let mut keys: Vec<Key> = writes.iter().map(|w| w.key().to_vec()).collect();
         keys.sort();
         keys.dedup();
@@ -128,7 +143,7 @@ impl ReplicaCore {
             let prev = self.locks.insert(k.clone(), txn_id);
             assert!(prev.is_none() || prev == Some(txn_id), "key locked twice: {prev:?} and {txn_id:?}");
         }
-        self.prepared.insert(txn_id, Prepared { attempt, writes, keys, decided: None, age: 0 });
+        self.prepared.insert(txn_id, Prepared { attempt, writes, keys, decided: None, age: 0, recovered_at: None });
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -170,18 +185,29 @@ impl ReplicaCore {
                 return Ok(PrepareStep::VoteNo(format!("{c} (found {found})")));
             }
         }
-        self.lock_and_insert(txn.id, attempt, txn.writes.clone());
-        Ok(PrepareStep::Persist(PreparedRecord { txn_id: txn.id, attempt, writes: txn.writes.clone() }))
+        let writes = Arc::new(txn.writes.clone());
+        self.lock_and_insert(txn.id, attempt, writes.clone());
+        Ok(PrepareStep::Persist(PreparedRecord { txn_id: txn.id, attempt, writes }))
     }
 
     /// Handles a COMMIT (`writes` is `None`) or a log entry fetched during
     /// catch-up (`writes` is `Some`). A COMMIT that contradicts one already
     /// received is refused and changes nothing.
-    pub fn commit(&mut self, txn_id: TxnId, index: u64, writes: Option<Vec<Write>>) -> Result<CommitStep, Error> {
+    pub fn commit(&mut self, txn_id: TxnId, index: u64, writes: Option<Writes>) -> Result<CommitStep, Error> {
         if index == 0 {
             return Err(Error::Invalid(format!("COMMIT of {txn_id} at index 0: commit indexes start at 1")));
         }
         if index <= self.handed_out {
+            // A record recovered at a restart, undecided, whose commit index
+            // was applied before that restart: the apply was its own and the
+            // record a leftover of a crash in mid-apply. (A record prepared
+            // since the restart is never retired by an old index.)
+            let leftover = |p: &Prepared| p.decided.is_none() && p.recovered_at.is_some_and(|a| index <= a);
+            if self.prepared.get(&txn_id).is_some_and(leftover) {
+                let p = self.prepared.remove(&txn_id).expect("checked above");
+                self.unlock(txn_id, &p.keys);
+                return Ok(CommitStep::Retired);
+            }
             return Ok(CommitStep::AlreadyApplied);
         }
         if let Some((queued, _)) = self.queue.get(&index) {

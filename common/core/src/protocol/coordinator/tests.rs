@@ -389,6 +389,8 @@ struct SimParticipant {
     seen: u64,
     epoch: u64,
     up: bool,
+    /// Crash in the next apply, between its data write and the WAL removal.
+    torn_apply: bool,
 }
 
 impl SimParticipant {
@@ -401,6 +403,7 @@ impl SimParticipant {
             seen: 0,
             epoch: 0,
             up: true,
+            torn_apply: false,
         }
     }
 
@@ -408,7 +411,7 @@ impl SimParticipant {
         let batch = self.core.next_apply();
         let Some(last) = batch.last().map(|e| e.index) else { return };
         for e in batch {
-            for w in e.writes {
+            for w in e.writes.iter().cloned() {
                 match w {
                     Write::Put(k, v) => {
                         self.data.insert(k, crate::types::Versioned { value: v, version: e.index });
@@ -418,9 +421,26 @@ impl SimParticipant {
                     }
                 }
             }
-            self.wal.remove(&e.txn_id);
+            if !self.torn_apply {
+                self.wal.remove(&e.txn_id);
+            }
+        }
+        if std::mem::take(&mut self.torn_apply) {
+            // The data and applied index are written, the records not removed.
+            self.core = ReplicaCore::recover(last, self.wal.values().cloned().collect());
+            self.up = false;
+            return;
         }
         self.core.applied(last);
+    }
+
+    /// A commit told (or fetched), with its writes when fetched from the log.
+    fn commit(&mut self, t: TxnId, i: u64, writes: Option<Vec<Write>>) -> Result<CommitStep, Error> {
+        let step = self.core.commit(t, i, writes.map(Into::into));
+        if let Ok(CommitStep::Retired) = step {
+            self.wal.remove(&t);
+        }
+        step
     }
 
     fn crash(&mut self) {
@@ -465,10 +485,10 @@ impl SimParticipant {
 
     fn decide(&mut self, commits: &[(TxnId, u64)], aborts: &[(TxnId, u64)], log: &BTreeMap<u64, LogEntry>) {
         for (t, i) in commits {
-            if let Ok(CommitStep::Unknown) = self.core.commit(*t, *i, None) {
+            if let Ok(CommitStep::Unknown) = self.commit(*t, *i, None) {
                 // Catch up from the (durable) log, as fetch_log does.
                 if let Some(e) = log.get(i) {
-                    let _ = self.core.commit(e.txn_id, e.index, Some(e.writes.clone()));
+                    let _ = self.commit(e.txn_id, e.index, Some(e.writes.clone()));
                 }
             }
         }
@@ -653,7 +673,7 @@ impl Sim {
         // Catch up on anything missed.
         let applied = p.core.applied_index();
         for e in self.durable.log.range(applied + 1..) {
-            if p.core.commit(e.1.txn_id, e.1.index, Some(e.1.writes.clone())).is_err() {
+            if p.commit(e.1.txn_id, e.1.index, Some(e.1.writes.clone())).is_err() {
                 break;
             }
         }
@@ -774,6 +794,11 @@ impl Sim {
             let id = 1 + self.rng.below(N) as usize;
             if self.rng.chance(1) && self.rng.chance(5) {
                 let p = &mut self.parts[id - 1];
+                if p.up && self.rng.chance(50) {
+                    p.torn_apply = true;
+                    self.trace(&format!("participant {id} will crash in the middle of its next apply"));
+                    return;
+                }
                 if p.up {
                     p.crash();
                 } else {
@@ -885,6 +910,7 @@ fn simulate(seed: u64) -> (usize, usize, u64, u32, u32) {
     // newest data back. Running on it until then must be safe.
     for p in sim.parts.iter_mut() {
         p.up = true;
+        p.torn_apply = false;
     }
     // Clients that got an error retry under the same id, as `Client` does.
     let retry: Vec<TxnId> =

@@ -30,7 +30,7 @@ impl Sim {
             return;
         };
         for e in batch {
-            for w in e.writes {
+            for w in e.writes.iter().cloned() {
                 match w {
                     Write::Put(k, v) => {
                         self.data.insert(k, Versioned { value: v, version: e.index });
@@ -76,6 +76,42 @@ fn prepare_then_commit_applies_and_unlocks() {
     assert_eq!(s.core.holder(b"a"), None);
     assert!(s.wal.is_empty());
     assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::AlreadyApplied, "duplicate COMMIT");
+}
+
+#[test]
+fn a_record_that_outlived_its_apply_is_retired_when_the_commit_is_told_again() {
+    let mut s = Sim::default();
+    let t = txn(1, vec![], vec![put("a", "1")]);
+    s.prepare(&t, 1);
+    s.core.commit(TxnId(1), 1, None).unwrap();
+    // Crash between apply's two writes: data and applied index written,
+    // the WAL record not yet removed.
+    let batch = s.core.next_apply();
+    for e in &batch {
+        for w in e.writes.iter() {
+            if let Write::Put(key, v) = w {
+                s.data.insert(key.clone(), Versioned { value: v.clone(), version: e.index });
+            }
+        }
+    }
+    s.core = ReplicaCore::recover(1, s.wal.values().cloned().collect());
+    assert_eq!(s.core.holder(b"a"), Some(TxnId(1)), "in doubt after the restart");
+    assert_eq!(s.core.in_doubt(0), vec![(TxnId(1), 1)]);
+    // The coordinator answers "committed at 1": nothing to apply, the lock goes.
+    assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::Retired);
+    assert_eq!(s.core.holder(b"a"), None);
+    assert!(s.core.in_doubt(0).is_empty());
+    assert!(s.core.next_apply().is_empty(), "applied once only");
+    assert_eq!(s.core.commit(TxnId(1), 1, None).unwrap(), CommitStep::AlreadyApplied);
+    // A transaction decided at a later index is untouched by the rule.
+    let t2 = txn(2, vec![], vec![put("a", "2")]);
+    assert!(matches!(s.prepare(&t2, 1), PrepareStep::Persist(_)));
+    assert_eq!(s.core.commit(TxnId(2), 2, None).unwrap(), CommitStep::Queued);
+    // One prepared since the restart is never retired by an old index.
+    let t3 = txn(3, vec![], vec![put("c", "3")]);
+    assert!(matches!(s.prepare(&t3, 1), PrepareStep::Persist(_)));
+    assert_eq!(s.core.commit(TxnId(3), 1, None).unwrap(), CommitStep::AlreadyApplied);
+    assert_eq!(s.core.holder(b"c"), Some(TxnId(3)));
 }
 
 #[test]
@@ -160,7 +196,7 @@ fn contradicting_messages_are_refused_and_change_nothing() {
     assert!(s.core.commit(TxnId(2), 0, None).is_err());
     // The real history still applies.
     for i in 1..5 {
-        s.core.commit(TxnId(100 + i as u128), i, Some(vec![put("x", "x")])).unwrap();
+        s.core.commit(TxnId(100 + i as u128), i, Some(vec![put("x", "x")].into())).unwrap();
     }
     s.apply_ready();
     assert_eq!(s.data[&k("a")].version, 5);
@@ -175,7 +211,7 @@ fn contradicting_messages_are_refused_and_change_nothing() {
 fn commit_of_an_unknown_transaction_asks_for_the_log() {
     let mut s = Sim::default();
     assert_eq!(s.core.commit(TxnId(9), 1, None).unwrap(), CommitStep::Unknown);
-    assert_eq!(s.core.commit(TxnId(9), 1, Some(vec![put("z", "9")])).unwrap(), CommitStep::Queued);
+    assert_eq!(s.core.commit(TxnId(9), 1, Some(vec![put("z", "9")].into())).unwrap(), CommitStep::Queued);
     s.apply_ready();
     assert_eq!(s.data[&k("z")].version, 1);
 }
@@ -437,8 +473,10 @@ proptest! {
                     s.prepare(&t, attempt as u64);
                 }
                 Msg::Commit { id, index, with_writes } => {
-                    let writes = with_writes.then(|| vec![Write::Put(vec![id], vec![0])]);
-                    let _ = s.core.commit(TxnId(id as u128), index, writes);
+                    let writes = with_writes.then(|| vec![Write::Put(vec![id], vec![0])].into());
+                    if let Ok(CommitStep::Retired) = s.core.commit(TxnId(id as u128), index, writes) {
+                        s.wal.remove(&TxnId(id as u128));
+                    }
                 }
                 Msg::Abort { id, attempt } => {
                     if let Ok(true) = s.core.abort(TxnId(id as u128), attempt as u64) {
