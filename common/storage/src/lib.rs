@@ -342,24 +342,27 @@ impl ReplicaStore {
         self.wal.iter().values().map(|v| decode(&v.db()?, "WAL")).collect()
     }
 
-    /// Appends PREPARED records (one sled batch). Not durable until a sync.
+    /// Writes PREPARED records. Not durable until a sync.
+    ///
+    /// One insert each, not a sled `Batch`: records are independent (no
+    /// vote leaves before the sync that covers them all), and every sled
+    /// batch seals sled's write buffer, which costs a `pwrite` and a
+    /// `sync_file_range` of its own (see docs/decisions.md).
     pub fn log_prepared(&self, records: &[PreparedRecord]) -> Result<()> {
-        let mut batch = sled::Batch::default();
         for rec in records {
-            batch.insert(&rec.txn_id.0.to_be_bytes(), encode(rec));
+            self.wal.insert(rec.txn_id.0.to_be_bytes(), encode(rec)).db()?;
         }
-        self.wal.apply_batch(batch).db()?;
         Ok(())
     }
 
-    /// Drops aborted transactions' records. Needs no sync: a record that
-    /// reappears after a crash is in doubt and the coordinator says "abort".
+    /// Drops transactions' records (aborted, or applied), one removal each
+    /// (as in [`log_prepared`](Self::log_prepared)). Needs no sync: a record
+    /// that reappears after a crash is in doubt, and the coordinator's answer
+    /// drops it again.
     pub fn forget_prepared(&self, txns: &[TxnId]) -> Result<()> {
-        let mut batch = sled::Batch::default();
         for t in txns {
-            batch.remove(&t.0.to_be_bytes());
+            self.wal.remove(t.0.to_be_bytes()).db()?;
         }
-        self.wal.apply_batch(batch).db()?;
         Ok(())
     }
 
@@ -389,7 +392,7 @@ impl ReplicaStore {
         self.data.apply_batch(batch).db()
     }
 
-    /// Removes applied transactions' WAL records (one sled batch).
+    /// Removes applied transactions' WAL records.
     pub fn retire(&self, entries: &[ApplyEntry]) -> Result<()> {
         let txns: Vec<TxnId> = entries.iter().map(|e| e.txn_id).collect();
         self.forget_prepared(&txns)
