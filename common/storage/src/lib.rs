@@ -21,7 +21,7 @@
 //! * `wal`: 16-byte txn id -> bincode [`PreparedRecord`]: transactions prepared
 //!   here (YES voted or about to be) and not yet applied or aborted.
 //!
-//! Applying commits is two sled batches, each atomic: first the data with
+//! Applying commits is two steps: one atomic sled batch with the data and
 //! the new applied index ([`ReplicaStore::apply_data`]), then the removal of
 //! the WAL records ([`ReplicaStore::retire`]). A crash between them leaves
 //! records of transactions already applied; they are in doubt after the
