@@ -61,6 +61,10 @@ async fn completion_history_and_the_transaction_flow() {
         s.send_line("timing on").unwrap();
         s.send_line("get k2").unwrap();
         s.exp_regex(r"\(\d+\.\d\d ms\)").unwrap();
+        // A stale read, from the endpoint that has just served k2 linearizably.
+        s.send_line("get k2 --stale").unwrap();
+        s.exp_string("two words").unwrap();
+        s.exp_string("(version 3, stale read)").unwrap();
         // Bad input is explained and runs nothing.
         s.send_line("put k \"open").unwrap();
         s.exp_string("column 7: unterminated quoted string").unwrap();

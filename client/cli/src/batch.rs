@@ -70,7 +70,7 @@ impl Unit {
         let mut keys = BTreeSet::new();
         for l in &self.lines {
             match &l.cmd {
-                Command::Get(k) | Command::Del(k) | Command::Put(k, _) | Command::Cas(k, _, _) => {
+                Command::Get(k, _) | Command::Del(k) | Command::Put(k, _) | Command::Cas(k, _, _) => {
                     keys.insert(k.clone());
                 }
                 Command::If(c) => {
@@ -85,7 +85,7 @@ impl Unit {
     /// Whether the unit can abort on a condition (and so must finish before
     /// later units start, unless --keep-going).
     fn conditional(&self) -> bool {
-        self.lines.iter().any(|l| matches!(l.cmd, Command::If(_) | Command::Cas(..) | Command::Get(_)))
+        self.lines.iter().any(|l| matches!(l.cmd, Command::If(_) | Command::Cas(..) | Command::Get(..)))
     }
 
     fn span(&self) -> String {
@@ -203,7 +203,7 @@ fn check(path: &std::path::Path, name: &str, atomic: bool) -> Result<usize, Stri
         }
         let (o, b) = match &cmd {
             Command::Put(k, v) => (1, k.len() + v.len()),
-            Command::Del(k) | Command::Get(k) => (1, k.len()),
+            Command::Del(k) | Command::Get(k, _) => (1, k.len()),
             Command::Cas(k, e, n) => (2, 2 * k.len() + e.len() + n.len()),
             Command::If(c) => (1, c.key().len() + if let Condition::ValueEquals(_, v) = c { v.len() } else { 0 }),
             _ => (0, 0),
@@ -241,7 +241,7 @@ async fn execute(client: Arc<Client>, unit: Unit) -> Outcome {
     let in_block = unit.lines.len() > 1 || matches!(unit.lines[0].cmd, Command::Begin);
     for l in &unit.lines {
         match &l.cmd {
-            Command::Get(k) => match client.get(k).await {
+            Command::Get(k, stale) => match client.get_with(k, read_mode(*stale)).await {
                 Ok(v) => {
                     if in_block {
                         conditions.push(Condition::VersionEquals(k.clone(), v.as_ref().map_or(0, |v| v.version)));
@@ -279,7 +279,8 @@ struct Tally {
 
 fn describe(cmd: &Command) -> String {
     match cmd {
-        Command::Get(k) => format!("get {}", escape(k)),
+        Command::Get(k, false) => format!("get {}", escape(k)),
+        Command::Get(k, true) => format!("get {} --stale", escape(k)),
         Command::Put(k, v) => format!("put {} {}", escape(k), escape(v)),
         Command::Del(k) => format!("del {}", escape(k)),
         Command::Cas(k, e, n) => format!("cas {} {} {}", escape(k), escape(e), escape(n)),
@@ -330,7 +331,7 @@ fn report(out: &mut impl std::io::Write, o: &Outcome, json_mode: bool, tally: &m
     if json_mode {
         for l in &o.unit.lines {
             let mut obj = json!({"line": l.no, "command": l.cmd.name(), "status": status});
-            if let Command::Get(k) | Command::Put(k, _) | Command::Del(k) | Command::Cas(k, _, _) = &l.cmd {
+            if let Command::Get(k, _) | Command::Put(k, _) | Command::Del(k) | Command::Cas(k, _, _) = &l.cmd {
                 json_bytes(&mut obj, "key", k);
             }
             if let Command::If(c) = &l.cmd {
@@ -499,5 +500,14 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
         EXIT_FAILED
     } else {
         EXIT_OK
+    }
+}
+
+/// The client's read mode for a `get`, by its `--stale` flag.
+pub fn read_mode(stale: bool) -> treaty_client::ReadMode {
+    if stale {
+        treaty_client::ReadMode::Stale
+    } else {
+        treaty_client::ReadMode::Linearizable
     }
 }

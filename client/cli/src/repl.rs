@@ -245,7 +245,7 @@ impl Shell<'_> {
                 }
                 None => println!("{}", self.style.err("error: `if` only works inside a transaction: type begin first")),
             },
-            Command::Get(k) => {
+            Command::Get(k, stale) => {
                 if let Some(t) = &self.txn {
                     if let Some(v) = t.buffered(&k) {
                         match v {
@@ -255,13 +255,17 @@ impl Shell<'_> {
                         return true;
                     }
                 }
-                match self.rt.block_on(self.client.get(&k)) {
+                match self.rt.block_on(self.client.get_with(&k, crate::batch::read_mode(stale))) {
                     Ok(v) => {
                         match &v {
                             Some(v) => println!(
                                 "{}  {}",
                                 escape(&v.value),
-                                self.style.dim(&format!("(version {})", v.version))
+                                self.style.dim(&format!(
+                                    "(version {}{})",
+                                    v.version,
+                                    if stale { ", stale read" } else { "" }
+                                ))
                             ),
                             None => println!("(not found)"),
                         }

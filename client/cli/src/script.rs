@@ -25,7 +25,8 @@ use treaty_common::{Condition, TxnId};
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Get(Vec<u8>),
+    /// A read; `true` for a stale (local, possibly old) read.
+    Get(Vec<u8>, bool),
     Put(Vec<u8>, Vec<u8>),
     Del(Vec<u8>),
     Cas(Vec<u8>, Vec<u8>, Vec<u8>),
@@ -46,7 +47,7 @@ impl Command {
     /// The command's name as typed.
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Get(_) => "get",
+            Command::Get(..) => "get",
             Command::Put(..) => "put",
             Command::Del(_) => "del",
             Command::Cas(..) => "cas",
@@ -194,7 +195,7 @@ fn tokenize(line: &str) -> Result<Vec<Token>, ParseError> {
 
 /// The commands, for completion and help.
 pub const COMMANDS: &[(&str, &str, &str)] = &[
-    ("get", "get KEY", "get user/1"),
+    ("get", "get KEY [--stale]", "get user/1"),
     ("put", "put KEY VALUE", "put user/1 \"Ada Lovelace\""),
     ("del", "del KEY", "del user/1"),
     ("cas", "cas KEY EXPECTED NEW", "cas counter 41 42"),
@@ -251,8 +252,15 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
     let arity = |n: usize| count(n, "missing argument");
     let cmd = match name.as_str() {
         "get" => {
-            arity(1)?;
-            Command::Get(key(&args[0])?)
+            // `--stale`: the replica's local copy, without waiting for
+            // prepared writes or a lease (may be behind).
+            let stale = args.len() == 2 && args[1].bare && args[1].bytes == b"--stale";
+            if stale {
+                Command::Get(key(&args[0])?, true)
+            } else {
+                arity(1)?;
+                Command::Get(key(&args[0])?, false)
+            }
         }
         "put" | "set" => {
             arity(2)?;
@@ -384,6 +392,10 @@ mod tests {
         assert_eq!(p("if a version 7"), Command::If(Condition::VersionEquals(b"a".to_vec(), 7)));
         assert_eq!(p("IF a missing"), Command::If(Condition::Missing(b"a".to_vec())));
         assert_eq!(p("cas c 1 2"), Command::Cas(b"c".to_vec(), b"1".to_vec(), b"2".to_vec()));
+        assert_eq!(p("get k"), Command::Get(b"k".to_vec(), false));
+        assert_eq!(p("get k --stale"), Command::Get(b"k".to_vec(), true));
+        // A quoted "--stale" is a second argument, not the flag.
+        assert!(e(r#"get k "--stale""#).message.contains("too many arguments; usage: get KEY [--stale]"));
         assert_eq!(parse_line("   # only a comment").unwrap(), None);
         assert_eq!(parse_line("").unwrap(), None);
     }
