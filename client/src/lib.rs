@@ -40,6 +40,7 @@ use std::time::Duration;
 pub use treaty_common::rpc::Outcome;
 use treaty_common::rpc::{self, ClusterStatus, CoordinatorServiceClient, NodeStatus, ParticipantServiceClient, Peer};
 pub use treaty_common::tls::{Expect, Identity, Security};
+pub use treaty_common::types::{prefix_end, RangeEntry, RangePage, RangeRequest, MAX_RANGE_LIMIT};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
 
 pub mod credentials;
@@ -161,6 +162,25 @@ impl Client {
             async move { c.get(rpc::deadline(timeout), key, mode == ReadMode::Stale).await }
         })
         .await
+    }
+
+    /// One page of a range read, from any replica (see [`RangeRequest`]).
+    pub async fn range_page(&self, req: &RangeRequest) -> Result<RangePage> {
+        req.check()?;
+        let timeout = self.timeout;
+        self.with_failover(|c| {
+            let req = req.clone();
+            async move { c.range(rpc::deadline(timeout), req).await }
+        })
+        .await
+    }
+
+    /// A whole range, page by page (`req.limit` entries per page), at most
+    /// `total` entries in all if given. Memory is bounded by one page. Each
+    /// page is one consistent state (its [`RangePage::index`]); a range of
+    /// several pages is not a snapshot: later pages may show later commits.
+    pub fn range(&self, req: RangeRequest, total: Option<u64>) -> Pages<'_> {
+        Pages { client: self, req, left: total, done: false }
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Committed> {
@@ -306,6 +326,46 @@ impl Client {
             (p.addr.clone(), s)
         });
         futures::future::join_all(futs).await
+    }
+}
+
+/// The pages of a range read, from [`Client::range`].
+pub struct Pages<'a> {
+    client: &'a Client,
+    req: RangeRequest,
+    left: Option<u64>,
+    done: bool,
+}
+
+impl Pages<'_> {
+    /// The next page, or `None` once the range (or the total) is done. A
+    /// failed page can be asked for again.
+    pub async fn next(&mut self) -> Option<Result<RangePage>> {
+        if self.done || self.left == Some(0) {
+            return None;
+        }
+        let mut req = self.req.clone();
+        if let Some(left) = self.left {
+            req.limit = req.limit.min(left.min(u32::MAX as u64) as u32);
+        }
+        let page = match self.client.range_page(&req).await {
+            Ok(page) => page,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(left) = &mut self.left {
+            *left -= page.entries.len() as u64;
+        }
+        match &page.next {
+            Some(next) => self.req.start = next.clone(),
+            None => self.done = true,
+        }
+        Some(Ok(page))
+    }
+
+    /// Where the rest of the range starts, once a total cut it short
+    /// (`None`: the range is done, or was not read that far yet).
+    pub fn continuation(&self) -> Option<&[u8]> {
+        (!self.done && self.left == Some(0)).then_some(self.req.start.as_slice())
     }
 }
 

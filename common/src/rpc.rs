@@ -10,7 +10,7 @@
 //!   authenticated.
 
 use crate::error::Result;
-use crate::types::{Committed, Key, Txn, TxnId, Versioned};
+use crate::types::{Committed, Key, RangePage, RangeRequest, Txn, TxnId, Versioned};
 
 pub use crate::net::{deadline, rpc_error, Peer, MAX_FRAME};
 pub use treaty_core::messages::*;
@@ -33,6 +33,9 @@ pub trait ParticipantService {
     async fn coordinator_addr() -> String;
     /// Reads a key. `stale` skips the readiness and prepared-lock checks.
     async fn get(key: Key, stale: bool) -> Result<Option<Versioned>>;
+    /// One page of a range read (see [`RangeRequest`]); linearizable unless
+    /// `stale`, and one consistent state of the replica either way.
+    async fn range(req: RangeRequest) -> Result<RangePage>;
     /// Submits a transaction; forwarded to the coordinator.
     async fn submit(txn: Txn) -> Result<Committed>;
     async fn node_status() -> NodeStatus;

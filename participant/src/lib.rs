@@ -49,6 +49,7 @@ use treaty_common::rpc::{
     Peer, PrepareBatch, SyncRequest, Vote,
 };
 use treaty_common::tls::{Expect, Security};
+use treaty_common::types::{escape, RangePage, RangeRequest};
 use treaty_common::{Committed, Error, Key, Result, Txn, TxnId, Versioned};
 use treaty_storage::{GroupSync, ReplicaStore};
 
@@ -333,9 +334,31 @@ impl Node {
 
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
         treaty_common::types::check_key(&key)?;
-        if stale {
-            return self.store.get(&key);
+        if !stale {
+            let what = format!("key {}", escape(&key));
+            self.wait_unheld(&what, |core| core.holder(&key)).await?;
         }
+        self.store.get(&key)
+    }
+
+    /// One page of a range read; a linearizable one first waits until no
+    /// prepared transaction holds a key in the range, like a `get`.
+    async fn range(&self, req: RangeRequest) -> Result<RangePage> {
+        req.check()?;
+        if !req.stale {
+            let what = match &req.end {
+                Some(end) => format!("range [{}, {})", escape(&req.start), escape(end)),
+                None => format!("range [{}, end)", escape(&req.start)),
+            };
+            self.wait_unheld(&what, |core| core.holder_in(&req.start, req.end.as_deref())).await?;
+        }
+        self.store.range(&req)
+    }
+
+    /// The wait of a linearizable read: the lease must be valid, then
+    /// `held` must find no prepared transaction (its outcome could change
+    /// what the read returns); gives up after the lock wait.
+    async fn wait_unheld(&self, what: &str, held: impl Fn(&ReplicaCore) -> Option<TxnId>) -> Result<()> {
         {
             let standing = self.standing.lock().unwrap();
             standing.check_read(self.now_ms(), &self.coordinator.addr, |st| self.not_ready(st))?;
@@ -343,7 +366,7 @@ impl Node {
         let give_up = Instant::now() + self.lock_wait;
         loop {
             let mut changed = self.changed.subscribe();
-            let holder = self.core.lock().unwrap().holder(&key);
+            let holder = held(&self.core.lock().unwrap());
             // Test-only: a deliberately broken build that skips the wait for
             // prepared writes, so the linearizability checker can prove it
             // catches stale reads.
@@ -352,14 +375,13 @@ impl Node {
                 holder
             })();
             let Some(holder) = holder else {
-                return self.store.get(&key);
+                return Ok(());
             };
             let wait = give_up.saturating_duration_since(Instant::now());
             if tokio::time::timeout(wait, changed.changed()).await.is_err() {
                 return Err(Error::InDoubt(format!(
-                    "key {} is held by prepared transaction {holder}, whose outcome is still unknown after {:?} \
+                    "{what} is held by prepared transaction {holder}, whose outcome is still unknown after {:?} \
                      (is the coordinator down?); retry, or read with --stale",
-                    treaty_common::types::escape(&key),
                     self.lock_wait
                 )));
             }
@@ -668,6 +690,10 @@ impl ParticipantService for Server {
 
     async fn get(self, _: Context, key: Key, stale: bool) -> Result<Option<Versioned>> {
         self.node.get(key, stale).await
+    }
+
+    async fn range(self, _: Context, req: RangeRequest) -> Result<RangePage> {
+        self.node.range(req).await
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {

@@ -91,6 +91,7 @@ async fn bad_input_runs_nothing_and_says_where() {
         (corpus.join("missing-commit.treaty"), ":1:1:", "has no `commit`"),
         (corpus.join("if-outside-block.treaty"), ":1:1:", "`if` only works inside begin"),
         (corpus.join("shell-only-command.treaty"), ":1:1:", "for the interactive shell"),
+        (corpus.join("scan-inside-transaction.treaty"), ":4:1:", "cannot be part of a transaction"),
         (big_value.clone(), ":2:9:", "1 MiB"),
         (big_key, ":1:5:", "1 KiB"),
         (too_many, ":1026:1:", "more than 1024 operations"),

@@ -152,3 +152,48 @@ async fn a_lost_endpoint_is_replaced_and_the_shell_says_so() {
     s.send_line("exit").unwrap();
     s.exp_eof().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_key_completion_and_psql_habits() {
+    let c = Cluster::start(3).await;
+    for k in ["user/ada", "user/alan", "user/grace"] {
+        c.client().put(k.as_bytes(), b"x").await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = shell(&c, &c.participant_addrs(), &dir.path().join("h"));
+    s.send_line("scan user/ --limit 2").unwrap();
+    s.exp_string("user/ada = x  (version 1)").unwrap();
+    s.exp_string("user/alan = x  (version 2)").unwrap();
+    s.exp_string("(2 keys, as of index 3; more with: scan user/ --from user/grace --limit 2)").unwrap();
+    s.send_line("range user/b --keys-only --stale").unwrap();
+    s.exp_string("user/grace  (version 3)").unwrap();
+    s.exp_string("(1 key, as of index 3, stale read)").unwrap();
+    // Tab completes a key from the store: one candidate is filled in...
+    // (keys typed before the editor is back in raw mode would be lost)
+    let prompt = |s: &mut PtySession| {
+        s.exp_string(&format!("treaty {}> ", c.addr(1))).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    prompt(&mut s);
+    s.send("get user/g").unwrap();
+    s.send("\t").unwrap();
+    s.send_line("").unwrap();
+    s.exp_string("x  (version 3)").unwrap();
+    // ... several are listed.
+    prompt(&mut s);
+    s.send("del user/a").unwrap();
+    s.send("\t").unwrap();
+    s.send("\t").unwrap();
+    s.flush().unwrap();
+    s.exp_regex(r"user/ada\s+user/alan").unwrap();
+    s.send("da").unwrap();
+    s.send_line("").unwrap();
+    s.exp_string("OK (commit index 4)").unwrap();
+    assert_eq!(value(&c, b"user/ada").await, None, "completion typed `del user/ada`");
+    s.send_line("\\?").unwrap();
+    s.exp_string("scan PREFIX [--from KEY]").unwrap();
+    s.send_line("\\timing").unwrap();
+    s.exp_string("timing on").unwrap();
+    s.send_line("\\q").unwrap();
+    s.exp_eof().unwrap();
+}

@@ -23,7 +23,7 @@ use serde_json::json;
 use treaty_common::types::{escape, MAX_TXN_BYTES, MAX_TXN_OPS};
 use treaty_common::{Condition, Error, Txn, Write};
 
-use crate::script::{parse_line, Command};
+use crate::script::{parse_line, Command, RangeCmd};
 use crate::Client;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -195,6 +195,13 @@ fn check(path: &std::path::Path, name: &str, atomic: bool) -> Result<usize, Stri
             }
             Command::Commit | Command::Abort if open_block.take().is_none() => {
                 return Err(at(&format!("`{}` without `begin`", cmd.name())));
+            }
+            Command::Range(_) if open_block.is_some() || atomic => {
+                return Err(at(&format!(
+                    "`{}` reads committed data and cannot be part of a transaction: move it outside begin ... commit{}",
+                    cmd.name(),
+                    if atomic { " (and run without --atomic)" } else { "" }
+                )))
             }
             Command::If(_) if open_block.is_none() && !atomic => {
                 return Err(at("`if` only works inside begin ... commit (or with --atomic)"))
@@ -441,6 +448,45 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
         if stop {
             break;
         }
+        if let [Line { no, cmd: Command::Range(r) }] = unit.lines.as_slice() {
+            // A range read sees every earlier line's effect and none of a
+            // later one: it runs alone, streamed straight to the output.
+            while let Some((_, _, handle)) = in_flight.pop_front() {
+                let o = handle.await.expect("batch task panicked");
+                done_lines += o.unit.lines.len();
+                let failed = o.result.is_err();
+                report(&mut out, &o, args.json, &mut tally);
+                stop |= failed && !args.keep_going;
+            }
+            if stop {
+                break;
+            }
+            done_lines += 1;
+            match print_range(&mut out, &client, r, args.json, Some(*no)).await {
+                Ok((count, next)) => {
+                    tally.reads += count;
+                    if let (Some(next), false) = (next, args.json) {
+                        let _ = writeln!(out, "more       line {no}  {r}: continue with: {}", r.continue_at(&next));
+                    }
+                }
+                Err(e) => {
+                    tally.failed += 1;
+                    tally.unavailable |= matches!(e, Error::Unavailable(_) | Error::NotReady(_));
+                    let _ = if args.json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({"line": no, "command": r.name(), "status": "failed", "error": e.to_string()})
+                        )
+                    } else {
+                        writeln!(out, "failed     line {no}  {r}: {e}")
+                    };
+                    tally.first_failure.get_or_insert_with(|| format!("line {no} ({r}): {e}"));
+                    stop = !args.keep_going;
+                }
+            }
+            continue;
+        }
         let keys = unit.keys();
         let conditional = unit.conditional();
         // Without --keep-going, nothing runs past a unit that may abort, so
@@ -501,6 +547,55 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
     } else {
         EXIT_OK
     }
+}
+
+/// Entries asked for per page by [`print_range`].
+const PAGE: u32 = 1000;
+
+/// Streams a range read to `out`, page by page (memory: one page): `KEY =
+/// VALUE` lines (`KEY` with `--keys-only`), or one JSON object per entry
+/// (with the batch `line` if given). Returns how many entries were printed
+/// and, when `--limit` cut the range short, where the rest starts.
+pub async fn print_range(
+    out: &mut impl std::io::Write,
+    client: &Client,
+    r: &RangeCmd,
+    json_mode: bool,
+    line: Option<usize>,
+) -> Result<(u64, Option<Vec<u8>>), Error> {
+    let mut pages = client.range(r.request(PAGE), r.limit);
+    let mut count = 0;
+    let head = || match line {
+        Some(no) => json!({"line": no, "command": r.name(), "status": "ok"}),
+        None => json!({}),
+    };
+    while let Some(page) = pages.next().await {
+        for e in page?.entries {
+            count += 1;
+            let _ = if json_mode {
+                let mut obj = head();
+                json_bytes(&mut obj, "key", &e.key);
+                if let Some(v) = &e.value {
+                    json_bytes(&mut obj, "value", v);
+                }
+                obj["version"] = json!(e.version);
+                writeln!(out, "{obj}")
+            } else {
+                match &e.value {
+                    Some(v) => writeln!(out, "{} = {}", escape(&e.key), escape(v)),
+                    None => writeln!(out, "{}", escape(&e.key)),
+                }
+            };
+        }
+    }
+    let next = pages.continuation().map(<[u8]>::to_vec);
+    if let (Some(next), true) = (&next, json_mode) {
+        let mut obj = head();
+        obj["status"] = json!("more");
+        json_bytes(&mut obj, "next", next);
+        let _ = writeln!(out, "{obj}");
+    }
+    Ok((count, next))
 }
 
 /// The client's read mode for a `get`, by its `--stale` flag.

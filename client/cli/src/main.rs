@@ -50,6 +50,24 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// List the keys that start with PREFIX, in byte order, as `KEY = VALUE`
+    /// lines (`scan ""` lists every key). Streams page by page.
+    Scan {
+        prefix: String,
+        /// Continue from this key (the `next` a cut-short listing printed).
+        #[arg(long, value_name = "KEY")]
+        from: Option<String>,
+        #[command(flatten)]
+        opts: RangeOpts,
+    },
+    /// List the keys from START (inclusive) to END (exclusive; default: the
+    /// last key), in byte order, as `KEY = VALUE` lines.
+    Range {
+        start: String,
+        end: Option<String>,
+        #[command(flatten)]
+        opts: RangeOpts,
+    },
     /// Set a key. The value is the argument, or with `-` standard input,
     /// or with `--file F` a file's contents (bytes as they are, up to 1 MiB).
     Put {
@@ -97,6 +115,25 @@ enum Command {
     },
 }
 
+/// Options of `scan` and `range`.
+#[derive(clap::Args, Debug)]
+struct RangeOpts {
+    /// At most N entries; if more remain, says where the rest starts.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Print keys only, not values.
+    #[arg(long)]
+    keys_only: bool,
+    /// Serve from one replica's local state even if it may be behind.
+    #[arg(long)]
+    stale: bool,
+    /// One JSON object per key (`key`, `value`, `version`; `key_base64` /
+    /// `value_base64` for bytes that are not UTF-8), and `{"status":"more","next":...}`
+    /// when --limit cut the listing short.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum CertsAction {
     /// Create a new cluster CA in DIR with certificates for the coordinator,
@@ -120,6 +157,36 @@ enum CertsAction {
         /// The participant id, or the client name (a-z, 0-9, -).
         name: String,
     },
+}
+
+fn range_cmd(prefix: bool, start: Vec<u8>, end: Option<Vec<u8>>, opts: &RangeOpts) -> script::RangeCmd {
+    script::RangeCmd {
+        prefix,
+        end: if prefix { treaty_client::prefix_end(&start) } else { end },
+        start,
+        from: None,
+        limit: opts.limit,
+        keys_only: opts.keys_only,
+        stale: opts.stale,
+    }
+}
+
+/// `treaty scan` / `treaty range`: streams the listing to stdout.
+fn list_range(client: &Client, rt: &tokio::runtime::Runtime, r: &script::RangeCmd, json: bool) -> i32 {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let result = rt.block_on(batch::print_range(&mut out, client, r, json, None));
+    let _ = std::io::Write::flush(&mut out);
+    match result {
+        Ok((count, next)) => {
+            if let (Some(next), false) = (next, json) {
+                eprintln!("(more: continue with `treaty {}`)", r.continue_at(&next));
+            } else if count == 0 && !json {
+                eprintln!("(no keys)");
+            }
+            0
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn exit_code(e: &Error) -> i32 {
@@ -410,6 +477,17 @@ fn run_command(
                         }
                         Err(e) => fail(e),
                     }
+                }
+                Command::Scan { prefix, from, opts } => {
+                    let r = script::RangeCmd {
+                        from: from.map(String::into_bytes),
+                        ..range_cmd(true, prefix.into_bytes(), None, &opts)
+                    };
+                    list_range(&client, &rt, &r, opts.json)
+                }
+                Command::Range { start, end, opts } => {
+                    let r = range_cmd(false, start.into_bytes(), end.map(String::into_bytes), &opts);
+                    list_range(&client, &rt, &r, opts.json)
                 }
                 Command::Put { key, value, file } => match put_value(value, file) {
                     Ok(value) => report(rt.block_on(client.put(key.as_bytes(), &value))),

@@ -12,7 +12,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
@@ -22,13 +23,48 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
 use rustyline::{Context, Editor, Helper};
 
-use crate::script::{help, parse_line, Command, COMMANDS};
+use crate::script::{help, parse_line, Command, RangeCmd, COMMANDS};
 use crate::Client;
+use treaty_client::{RangeRequest, MAX_RANGE_LIMIT};
 use treaty_common::types::escape;
 use treaty_common::{Condition, Error, Txn, Write};
 
-/// Tab completion of command names (and `on`/`off` after `timing`).
-struct ShellHelper;
+/// Entries a `scan` or `range` shows in the shell without `--limit`.
+const SHELL_RANGE_LIMIT: u64 = 100;
+
+/// Keys Tab offers at most.
+const COMPLETION_KEYS: u32 = 50;
+
+/// Tab completion: command names, `on`/`off` after `timing`, condition
+/// words after `if KEY`, and keys (a bounded, stale prefix scan of the
+/// replica) wherever a key goes. Several candidates are listed.
+struct ShellHelper {
+    client: Arc<Client>,
+    rt: tokio::runtime::Handle,
+}
+
+impl ShellHelper {
+    /// Stored keys starting with `word` (typed bare: quoted or escaped
+    /// words are not completed), as they would be typed.
+    fn keys(&self, word: &str) -> Vec<String> {
+        if word.contains(['"', '\\']) {
+            return vec![];
+        }
+        let req = RangeRequest {
+            limit: COMPLETION_KEYS,
+            keys_only: true,
+            stale: true,
+            ..RangeRequest::prefix(word.as_bytes())
+        };
+        let page = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(1), self.client.range_page(&req)).await });
+        match page {
+            Ok(Ok(page)) => page.entries.iter().map(|e| escape(&e.key)).collect(),
+            _ => vec![],
+        }
+    }
+}
 
 impl Completer for ShellHelper {
     type Candidate = Pair;
@@ -38,17 +74,24 @@ impl Completer for ShellHelper {
         let start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
         let word = &before[start..];
         let words_before = before[..start].split_whitespace().count();
-        let options: Vec<&str> = match (words_before, before.split_whitespace().next()) {
-            (0, _) => COMMANDS.iter().map(|(n, _, _)| *n).collect(),
-            (1, Some("timing")) => vec!["on", "off"],
-            (1, Some("help")) => COMMANDS.iter().map(|(n, _, _)| *n).collect(),
-            (2, Some("if")) => vec!["=", "version", "exists", "missing"],
+        let first = before.split_whitespace().next().map(str::to_lowercase);
+        let options: Vec<String> = match (words_before, first.as_deref()) {
+            (0, _) => COMMANDS.iter().map(|(n, _, _)| n.to_string()).collect(),
+            (1, Some("timing")) => vec!["on".into(), "off".into()],
+            (1, Some("help")) => COMMANDS.iter().map(|(n, _, _)| n.to_string()).collect(),
+            (2, Some("if")) => ["=", "version", "exists", "missing"].map(String::from).to_vec(),
+            (1, Some("get" | "put" | "set" | "del" | "delete" | "cas" | "if" | "scan" | "range"))
+            | (2, Some("range"))
+                if !word.starts_with('-') =>
+            {
+                self.keys(word)
+            }
             _ => vec![],
         };
         let pairs = options
             .into_iter()
             .filter(|o| o.starts_with(word))
-            .map(|o| Pair { display: o.to_string(), replacement: format!("{o} ") })
+            .map(|o| Pair { display: o.clone(), replacement: format!("{o} ") })
             .collect();
         Ok((start, pairs))
     }
@@ -118,7 +161,7 @@ fn history_path() -> Option<PathBuf> {
 }
 
 struct Shell<'a> {
-    client: Client,
+    client: Arc<Client>,
     rt: &'a tokio::runtime::Runtime,
     style: Style,
     txn: Option<OpenTxn>,
@@ -147,12 +190,49 @@ impl Shell<'_> {
         }
     }
 
+    /// `scan` / `range`: one page of at most `--limit` (default
+    /// [`SHELL_RANGE_LIMIT`]) entries, and how to ask for more.
+    fn range(&self, r: &RangeCmd) {
+        let shown = r.limit.unwrap_or(SHELL_RANGE_LIMIT);
+        let mut pages = self.client.range(r.request(MAX_RANGE_LIMIT), Some(shown));
+        let (mut count, mut index) = (0u64, None);
+        while let Some(page) = self.rt.block_on(pages.next()) {
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => return self.say_error(&e),
+            };
+            index = Some(index.map_or(page.index, |i: u64| i.max(page.index)));
+            for e in &page.entries {
+                count += 1;
+                let version = self.style.dim(&format!("(version {})", e.version));
+                match &e.value {
+                    Some(v) => println!("{} = {}  {version}", escape(&e.key), escape(v)),
+                    None => println!("{}  {version}", escape(&e.key)),
+                }
+            }
+        }
+        let what = format!(
+            "{count} key{}{}{}",
+            if count == 1 { "" } else { "s" },
+            index.map_or(String::new(), |i| format!(", as of index {i}")),
+            if r.stale { ", stale read" } else { "" }
+        );
+        match pages.continuation() {
+            Some(next) => println!("{}", self.style.dim(&format!("({what}; more with: {})", r.continue_at(next)))),
+            None => println!("{}", self.style.dim(&format!("({what})"))),
+        }
+        if self.txn.is_some() {
+            println!("{}", self.style.dim("(committed data: a scan is not among this transaction's checks)"));
+        }
+    }
+
     fn execute(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Exit => return false,
             Command::Help(topic) => println!("{}", help(topic.as_deref())),
             Command::Timing(on) => {
-                self.timing = on;
+                self.timing = on.unwrap_or(!self.timing);
+                let on = self.timing;
                 println!("timing {}", if on { "on" } else { "off" });
             }
             Command::Status => match self.rt.block_on(self.client.cluster_status()) {
@@ -174,6 +254,7 @@ impl Shell<'_> {
                 }
                 Err(e) => self.say_error(&e),
             },
+            Command::Range(r) => self.range(&r),
             Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
                 Ok(o @ crate::Outcome::Committed(_)) => println!("{}", self.style.ok(&o.to_string())),
                 Ok(o) => println!("{o}"),
@@ -305,14 +386,16 @@ impl Shell<'_> {
 
 /// Runs the shell until `exit` or Ctrl-D; returns the exit status.
 pub fn run(client: Client, rt: &tokio::runtime::Runtime) -> i32 {
-    let mut rl: Editor<ShellHelper, DefaultHistory> = match Editor::new() {
+    let config = rustyline::Config::builder().completion_type(rustyline::CompletionType::List).build();
+    let mut rl: Editor<ShellHelper, DefaultHistory> = match Editor::with_config(config) {
         Ok(rl) => rl,
         Err(e) => {
             eprintln!("error: cannot start the line editor: {e}");
             return 2;
         }
     };
-    rl.set_helper(Some(ShellHelper));
+    let client = Arc::new(client);
+    rl.set_helper(Some(ShellHelper { client: client.clone(), rt: rt.handle().clone() }));
     let history = history_path();
     if let Some(h) = &history {
         let _ = rl.load_history(h);

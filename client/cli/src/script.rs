@@ -5,6 +5,7 @@
 //! line      := command? comment?
 //! comment   := '#' anything
 //! command   := 'get' KEY | 'put' KEY VALUE | 'del' KEY | 'cas' KEY VALUE VALUE
+//!            | 'scan' PREFIX flags | 'range' START END? flags
 //!            | 'if' KEY ('=' VALUE | 'version' N | 'exists' | 'missing')
 //!            | 'begin' | 'commit' | 'abort' | 'show'
 //!            | 'status' | 'outcome' TXN_ID | 'timing' ('on'|'off') | 'help' WORD? | 'exit' | 'quit'
@@ -12,6 +13,7 @@
 //! bare      := any characters but whitespace, '"' and '#'
 //! quoted    := '"' (char | '\n' | '\t' | '\r' | '\0' | '\\' | '\"' | '\xNN')* '"'
 //! hex       := x'HEXDIGITS'          (binary values, e.g. x'00ff')
+//! flags     := ('--limit' N | '--keys-only' | '--stale' | '--from' KEY)*   (--from: scan only)
 //! ```
 //!
 //! Keys and values are checked against the store's limits while parsing, so a
@@ -19,7 +21,7 @@
 
 use std::fmt;
 
-use treaty_common::types::{check_key, check_value};
+use treaty_common::types::{check_key, check_value, escape};
 use treaty_common::{Condition, TxnId};
 
 /// One parsed command.
@@ -30,6 +32,8 @@ pub enum Command {
     Put(Vec<u8>, Vec<u8>),
     Del(Vec<u8>),
     Cas(Vec<u8>, Vec<u8>, Vec<u8>),
+    /// `scan` or `range`: a range read outside any transaction.
+    Range(RangeCmd),
     If(Condition),
     Begin,
     Commit,
@@ -38,7 +42,8 @@ pub enum Command {
     Status,
     /// What became of a transaction (shell only).
     Outcome(TxnId),
-    Timing(bool),
+    /// `timing on|off`; `None` (`timing` alone, psql's `\timing`) toggles.
+    Timing(Option<bool>),
     Help(Option<String>),
     Exit,
 }
@@ -51,6 +56,7 @@ impl Command {
             Command::Put(..) => "put",
             Command::Del(_) => "del",
             Command::Cas(..) => "cas",
+            Command::Range(r) => r.name(),
             Command::If(_) => "if",
             Command::Begin => "begin",
             Command::Commit => "commit",
@@ -62,6 +68,84 @@ impl Command {
             Command::Help(_) => "help",
             Command::Exit => "exit",
         }
+    }
+}
+
+/// A parsed `scan PREFIX` or `range START [END]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeCmd {
+    /// Typed as `scan` (`start` is the prefix, `end` follows from it).
+    pub prefix: bool,
+    pub start: Vec<u8>,
+    pub end: Option<Vec<u8>>,
+    /// `scan ... --from KEY`: continue a listing at KEY.
+    pub from: Option<Vec<u8>>,
+    /// `--limit N`: at most N entries.
+    pub limit: Option<u64>,
+    pub keys_only: bool,
+    pub stale: bool,
+}
+
+impl RangeCmd {
+    /// `scan` or `range`, as typed.
+    pub fn name(&self) -> &'static str {
+        if self.prefix {
+            "scan"
+        } else {
+            "range"
+        }
+    }
+
+    /// The first page's request, `page` entries per page.
+    pub fn request(&self, page: u32) -> treaty_client::RangeRequest {
+        // `--from` past the prefix's keys: an empty range, not an error.
+        let start = match (&self.from, &self.end) {
+            (Some(from), Some(end)) if from >= end => end.clone(),
+            (Some(from), _) => from.clone().max(self.start.clone()),
+            (None, _) => self.start.clone(),
+        };
+        treaty_client::RangeRequest {
+            start,
+            end: self.end.clone(),
+            limit: page,
+            keys_only: self.keys_only,
+            stale: self.stale,
+        }
+    }
+
+    /// How to ask for the rest, starting at `next`, as typed in the shell.
+    pub fn continue_at(&self, next: &[u8]) -> String {
+        let rest = if self.prefix {
+            RangeCmd { from: Some(next.to_vec()), ..self.clone() }
+        } else {
+            RangeCmd { start: next.to_vec(), ..self.clone() }
+        };
+        rest.to_string()
+    }
+}
+
+impl fmt::Display for RangeCmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.prefix {
+            write!(f, "scan {}", escape(&self.start))?;
+            if let Some(from) = &self.from {
+                write!(f, " --from {}", escape(from))?;
+            }
+        } else {
+            write!(f, "range {}", escape(&self.start))?;
+            if let Some(end) = &self.end {
+                write!(f, " {}", escape(end))?;
+            }
+        }
+        if let Some(n) = self.limit {
+            write!(f, " --limit {n}")?;
+        }
+        for (on, flag) in [(self.keys_only, " --keys-only"), (self.stale, " --stale")] {
+            if on {
+                f.write_str(flag)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +283,8 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("put", "put KEY VALUE", "put user/1 \"Ada Lovelace\""),
     ("del", "del KEY", "del user/1"),
     ("cas", "cas KEY EXPECTED NEW", "cas counter 41 42"),
+    ("scan", "scan PREFIX [--from KEY] [--limit N] [--keys-only] [--stale]", "scan user/ --limit 10"),
+    ("range", "range START [END] [--limit N] [--keys-only] [--stale]", "range user/a user/m --keys-only"),
     ("if", "if KEY = VALUE | if KEY version N | if KEY exists | if KEY missing", "if balance/alice = 100"),
     ("begin", "begin", "begin"),
     ("commit", "commit", "commit"),
@@ -206,9 +292,9 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("show", "show", "show"),
     ("status", "status", "status"),
     ("outcome", "outcome TXN_ID", "outcome 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
-    ("timing", "timing on|off", "timing on"),
-    ("help", "help [COMMAND]", "help if"),
-    ("exit", "exit", "exit"),
+    ("timing", "timing [on|off]   (alone, or \\timing: toggles)", "timing on"),
+    ("help", "help [COMMAND]   (or \\?)", "help if"),
+    ("exit", "exit   (or quit, \\q, Ctrl-D)", "exit"),
 ];
 
 /// A token's bytes, if they pass `check` (the store's key or value limit).
@@ -225,6 +311,75 @@ fn value(t: &Token) -> Result<Vec<u8>, ParseError> {
     checked(t, check_value)
 }
 
+/// A range bound: up to a key's length, and may be empty (`scan ""` lists
+/// every key).
+fn bound(t: &Token) -> Result<Vec<u8>, ParseError> {
+    if t.bytes.len() > treaty_common::types::MAX_KEY_LEN {
+        return err(t.column, format!("{} bytes is longer than any key (at most 1024)", t.bytes.len()));
+    }
+    Ok(t.bytes.clone())
+}
+
+/// The arguments of `scan` (`prefix`) or `range`: positional bounds, then
+/// flags in any order.
+fn range_cmd(prefix: bool, args: &[Token], end: usize, usage: &str) -> Result<RangeCmd, ParseError> {
+    let mut bounds = Vec::new();
+    let mut cmd =
+        RangeCmd { prefix, start: Vec::new(), end: None, from: None, limit: None, keys_only: false, stale: false };
+    let mut i = 0;
+    while i < args.len() {
+        let t = &args[i];
+        match (t.bare, t.bytes.as_slice()) {
+            (true, b"--keys-only") => cmd.keys_only = true,
+            (true, b"--stale") => cmd.stale = true,
+            (true, b"--limit") => {
+                let n = args.get(i + 1).and_then(|n| std::str::from_utf8(&n.bytes).ok()?.parse::<u64>().ok());
+                match n {
+                    Some(n) if n > 0 => cmd.limit = Some(n),
+                    _ => {
+                        return err(
+                            args.get(i + 1).map_or(end, |t| t.column),
+                            "--limit needs a number of entries, 1 or more",
+                        )
+                    }
+                }
+                i += 1;
+            }
+            (true, b"--from") if prefix => {
+                match args.get(i + 1) {
+                    Some(k) => cmd.from = Some(bound(k)?),
+                    None => return err(end, "--from needs the key to continue at"),
+                }
+                i += 1;
+            }
+            (true, flag) if flag.starts_with(b"--") => {
+                return err(t.column, format!("unknown option {}; {usage}", String::from_utf8_lossy(flag)))
+            }
+            _ => bounds.push(t),
+        }
+        i += 1;
+    }
+    let most = if prefix { 1 } else { 2 };
+    if bounds.is_empty() {
+        let what = if prefix { "missing PREFIX (scan \"\" lists every key)" } else { "missing START" };
+        return err(end, format!("{what}; {usage}"));
+    }
+    if bounds.len() > most {
+        return err(bounds[most].column, format!("too many arguments; {usage}"));
+    }
+    cmd.start = bound(bounds[0])?;
+    if prefix {
+        cmd.end = treaty_common::types::prefix_end(&cmd.start);
+    } else if let Some(e) = bounds.get(1) {
+        let e = bound(e)?;
+        if e < cmd.start {
+            return err(bounds[1].column, "END sorts before START: swap them");
+        }
+        cmd.end = Some(e);
+    }
+    Ok(cmd)
+}
+
 /// Parses one line. `Ok(None)` for a blank or comment-only line.
 pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
     let toks = tokenize(line)?;
@@ -233,6 +388,13 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         return err(first.column, "expected a command (get, put, del, cas, if, begin, commit, ...)");
     }
     let name = String::from_utf8_lossy(&first.bytes).to_lowercase();
+    // psql's and redis-cli's habits.
+    let name = match name.as_str() {
+        "\\q" => "exit".to_string(),
+        "\\?" | "?" => "help".to_string(),
+        "\\timing" => "timing".to_string(),
+        _ => name,
+    };
     let args = &toks[1..];
     let end = line.chars().count() + 1;
     let usage = |name: &str| {
@@ -262,6 +424,7 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
                 Command::Get(key(&args[0])?, false)
             }
         }
+        "scan" | "range" => Command::Range(range_cmd(name == "scan", args, end, &usage(&name))?),
         "put" | "set" => {
             arity(2)?;
             Command::Put(key(&args[0])?, value(&args[1])?)
@@ -323,11 +486,12 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
             let id = String::from_utf8_lossy(&args[0].bytes);
             Command::Outcome(id.parse().map_err(|e: String| ParseError { column: args[0].column, message: e })?)
         }
+        "timing" if args.is_empty() => Command::Timing(None),
         "timing" => {
             arity(1)?;
             match args[0].bytes.as_slice() {
-                b"on" => Command::Timing(true),
-                b"off" => Command::Timing(false),
+                b"on" => Command::Timing(Some(true)),
+                b"off" => Command::Timing(Some(false)),
                 _ => return err(args[0].column, "usage: timing on|off"),
             }
         }
@@ -340,7 +504,7 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         _ => {
             return err(
                 first.column,
-                format!("unknown command `{name}`; commands: get put del cas if begin commit abort show status outcome timing help exit"),
+                format!("unknown command `{name}`; commands: get scan range put del cas if begin commit abort show status outcome timing help exit"),
             )
         }
     };
@@ -396,6 +560,59 @@ mod tests {
         assert_eq!(p("get k --stale"), Command::Get(b"k".to_vec(), true));
         // A quoted "--stale" is a second argument, not the flag.
         assert!(e(r#"get k "--stale""#).message.contains("too many arguments; usage: get KEY [--stale]"));
+        let scan = |start: &[u8], end: Option<&[u8]>| RangeCmd {
+            prefix: true,
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            from: None,
+            limit: None,
+            keys_only: false,
+            stale: false,
+        };
+        assert_eq!(p("scan user/"), Command::Range(scan(b"user/", Some(b"user0"))));
+        assert_eq!(p(r#"scan """#), Command::Range(scan(b"", None)));
+        assert_eq!(
+            p("range a m --limit 5 --stale --keys-only"),
+            Command::Range(RangeCmd {
+                end: Some(b"m".to_vec()),
+                limit: Some(5),
+                keys_only: true,
+                stale: true,
+                prefix: false,
+                ..scan(b"a", None)
+            })
+        );
+        assert_eq!(p("range a"), Command::Range(RangeCmd { prefix: false, ..scan(b"a", None) }));
+        assert!(e("range m a").message.contains("END sorts before START: swap them"));
+        assert!(e("scan").message.contains("missing PREFIX"));
+        assert!(e("scan a b").message.contains("too many arguments; usage: scan PREFIX"));
+        assert!(e("scan a --limit").message.contains("--limit needs a number"));
+        assert!(e("scan a --limit 0").message.contains("--limit needs a number"));
+        assert!(e("scan a --all").message.contains("unknown option --all"));
+        assert_eq!(
+            RangeCmd { limit: Some(3), ..scan(b"u/", Some(b"u0")) }.continue_at(b"u/7"),
+            "scan u/ --from u/7 --limit 3"
+        );
+        assert_eq!(
+            RangeCmd { prefix: false, stale: true, ..scan(b"a", Some(b"m")) }.continue_at(b"c d"),
+            r#"range "c d" m --stale"#
+        );
+        let from = p("scan u/ --from u/5 --keys-only");
+        assert_eq!(
+            from,
+            Command::Range(RangeCmd { from: Some(b"u/5".to_vec()), keys_only: true, ..scan(b"u/", Some(b"u0")) })
+        );
+        let Command::Range(r) = from else { unreachable!() };
+        assert_eq!(r.request(10).start, b"u/5");
+        let Command::Range(r) = p("scan u/ --from v") else { unreachable!() };
+        assert!(r.request(10).check().is_ok(), "past the prefix: empty, not an error");
+        assert!(e("range a --from b").message.contains("unknown option --from"));
+        assert_eq!(p("\\q"), Command::Exit);
+        assert_eq!(p("\\?"), Command::Help(None));
+        assert_eq!(p("\\? scan"), Command::Help(Some("scan".into())));
+        assert_eq!(p("\\timing"), Command::Timing(None));
+        assert_eq!(p("\\timing off"), Command::Timing(Some(false)));
+        assert!(e("\\timing a b").message.contains("usage: timing [on|off]"));
         assert_eq!(parse_line("   # only a comment").unwrap(), None);
         assert_eq!(parse_line("").unwrap(), None);
     }

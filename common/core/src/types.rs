@@ -221,6 +221,114 @@ pub struct Versioned {
     pub version: u64,
 }
 
+/// Most entries one range page may hold.
+pub const MAX_RANGE_LIMIT: u32 = 10_000;
+/// A range page stops once its keys and values pass this many bytes (after
+/// at least one entry), so a page always fits in one RPC frame.
+pub const RANGE_PAGE_BYTES: usize = 1024 * 1024;
+
+/// A range read: keys in `[start, end)` in byte order (`end: None` = to the
+/// last key), at most `limit` of them. Paging: ask again with `start` set to
+/// the page's [`RangePage::next`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    /// First key (inclusive); empty = from the first key.
+    pub start: Key,
+    /// Last key (exclusive); `None` = no upper bound.
+    pub end: Option<Key>,
+    /// At most this many entries (1 to [`MAX_RANGE_LIMIT`]).
+    pub limit: u32,
+    /// Leave values out (versions are still given).
+    pub keys_only: bool,
+    /// The replica's local copy, without waiting for a lease or for
+    /// prepared writes in the range (may be behind).
+    pub stale: bool,
+}
+
+impl RangeRequest {
+    /// The keys that start with `prefix` (all keys if it is empty).
+    pub fn prefix(prefix: &[u8]) -> Self {
+        RangeRequest {
+            start: prefix.to_vec(),
+            end: prefix_end(prefix),
+            limit: MAX_RANGE_LIMIT,
+            keys_only: false,
+            stale: false,
+        }
+    }
+
+    /// Checks bounds and limit; says what to change.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.start.len() > MAX_KEY_LEN {
+            return Err(Error::Invalid(format!(
+                "range start is {} bytes; keys are at most {MAX_KEY_LEN}: use a shorter start",
+                self.start.len()
+            )));
+        }
+        if let Some(end) = &self.end {
+            if end.len() > MAX_KEY_LEN + 1 {
+                return Err(Error::Invalid(format!(
+                    "range end is {} bytes; keys are at most {MAX_KEY_LEN}: use a shorter end",
+                    end.len()
+                )));
+            }
+            if *end < self.start {
+                return Err(Error::Invalid(format!(
+                    "range end {} sorts before its start {}: swap them",
+                    escape(end),
+                    escape(&self.start)
+                )));
+            }
+        }
+        if self.limit == 0 || self.limit > MAX_RANGE_LIMIT {
+            return Err(Error::Invalid(format!(
+                "range limit {} is out of bounds: ask for 1 to {MAX_RANGE_LIMIT} entries per page and page on with the continuation key",
+                self.limit
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `key` lies in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_deref().is_none_or(|e| key < e)
+    }
+}
+
+/// The first key after every key that starts with `prefix` (`None`: no
+/// such key, the prefix is empty or all `0xff`).
+pub fn prefix_end(prefix: &[u8]) -> Option<Key> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// One key of a range page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeEntry {
+    pub key: Key,
+    /// Commit index of the key's last write.
+    pub version: u64,
+    /// `None` when the request was keys-only.
+    pub value: Option<Value>,
+}
+
+/// A page of a range read: one consistent state of the replica.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangePage {
+    pub entries: Vec<RangeEntry>,
+    /// Where the next page starts (`None`: the range is done).
+    pub next: Option<Key>,
+    /// The replica's applied index when the page was read: the page shows
+    /// exactly the commits up to here.
+    pub index: u64,
+}
+
 /// The answer to a committed transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
@@ -307,6 +415,29 @@ mod tests {
         assert!(Txn::new(vec![], vec![]).validate().is_err());
         let ok = Txn::new(vec![], vec![Write::Put(vec![1; MAX_KEY_LEN], vec![2; MAX_VALUE_LEN])]);
         ok.validate().unwrap();
+    }
+
+    #[test]
+    fn prefix_ranges_end_after_the_last_key_with_the_prefix() {
+        assert_eq!(prefix_end(b"user/"), Some(b"user0".to_vec()));
+        assert_eq!(prefix_end(b"a\xff\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+        let r = RangeRequest::prefix(b"user/");
+        assert!(r.contains(b"user/") && r.contains(b"user/\xff\xff") && !r.contains(b"user0") && !r.contains(b"use"));
+        assert!(RangeRequest::prefix(b"").contains(b"\xff"));
+    }
+
+    #[test]
+    fn range_requests_out_of_bounds_say_what_to_change() {
+        let ok = RangeRequest::prefix(b"a");
+        assert!(ok.check().is_ok());
+        let e = RangeRequest { limit: 0, ..ok.clone() }.check().unwrap_err().to_string();
+        assert!(e.contains("ask for 1 to 10000 entries"), "{e}");
+        let e = RangeRequest { end: Some(b"0".to_vec()), ..ok.clone() }.check().unwrap_err().to_string();
+        assert!(e.contains("sorts before its start a: swap them"), "{e}");
+        let e = RangeRequest { start: vec![b'k'; MAX_KEY_LEN + 1], end: None, ..ok }.check().unwrap_err().to_string();
+        assert!(e.contains("use a shorter start"), "{e}");
     }
 
     #[test]

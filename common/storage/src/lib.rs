@@ -50,7 +50,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -59,7 +59,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use treaty_core::messages::{ClusterId, Incarnation, LogEntry};
 use treaty_core::protocol::{ApplyEntry, PreparedRecord};
-use treaty_core::types::{TxnId, Versioned, Write};
+use treaty_core::types::{RangeEntry, RangePage, RangeRequest, TxnId, Versioned, Write, RANGE_PAGE_BYTES};
 use treaty_core::{Error, Result};
 
 /// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
@@ -232,6 +232,11 @@ pub struct ReplicaStore {
     meta: sled::Tree,
     data: sled::Tree,
     wal: sled::Tree,
+    /// Held for writing while a batch of commits is applied, for reading
+    /// while a range page is read: a page never shows half of a batch
+    /// (sled applies a batch atomically for single-key reads, but an
+    /// iterator can step across it).
+    gate: Arc<RwLock<()>>,
 }
 
 impl ReplicaStore {
@@ -269,6 +274,7 @@ impl ReplicaStore {
             meta,
             dir: dir.to_path_buf(),
             db,
+            gate: Arc::default(),
         })
     }
 
@@ -337,6 +343,37 @@ impl ReplicaStore {
         Ok(self.data.get(key).db()?.map(|v| decode_versioned(&v)))
     }
 
+    /// One page of a range read (the request must have passed
+    /// [`RangeRequest::check`]): the keys in the range from `req.start` on,
+    /// at most `req.limit` of them and about [`RANGE_PAGE_BYTES`], all as of
+    /// one applied index. Memory is bounded by the page, whatever the range.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangePage> {
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut page = RangePage { index: self.applied_index()?, ..Default::default() };
+        let iter = match &req.end {
+            Some(end) if end.as_slice() <= req.start.as_slice() => return Ok(page),
+            Some(end) => self.data.range(req.start.as_slice()..end.as_slice()),
+            None => self.data.range(req.start.as_slice()..),
+        };
+        let mut bytes = 0;
+        for item in iter {
+            let (key, stored) = item.db()?;
+            if key.as_ref() == APPLIED_KEY {
+                continue;
+            }
+            let size = key.len() + if req.keys_only { 8 } else { stored.len() };
+            if page.entries.len() >= req.limit as usize || (!page.entries.is_empty() && bytes + size > RANGE_PAGE_BYTES)
+            {
+                page.next = Some(key.to_vec());
+                break;
+            }
+            bytes += size;
+            let Versioned { value, version } = decode_versioned(if req.keys_only { &stored[..8] } else { &stored });
+            page.entries.push(RangeEntry { key: key.to_vec(), version, value: (!req.keys_only).then_some(value) });
+        }
+        Ok(page)
+    }
+
     /// Every prepared record in the WAL, for recovery.
     pub fn prepared(&self) -> Result<Vec<PreparedRecord>> {
         self.wal.iter().values().map(|v| decode(&v.db()?, "WAL")).collect()
@@ -380,6 +417,7 @@ impl ReplicaStore {
             return Ok(());
         };
         let mut batch = sled::Batch::default();
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         for e in entries {
             for w in e.writes.iter() {
                 match w {
@@ -642,6 +680,7 @@ impl CoordinatorStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn a_participant_dir_refuses_another_node_id_and_stays_intact() {
@@ -686,6 +725,93 @@ mod tests {
         assert_eq!(s.get(b"k").unwrap().unwrap(), Versioned { value: b"v".to_vec(), version: 5 });
         assert_eq!(s.get(b"").unwrap(), None, "the applied index must not read as a key");
         assert_eq!(s.prepared().unwrap(), vec![rec], "the record outlives a half-done apply");
+    }
+
+    fn put_all(s: &ReplicaStore, index: u64, kvs: &[(&[u8], &[u8])]) {
+        let writes = kvs.iter().map(|(k, v)| Write::Put(k.to_vec(), v.to_vec())).collect::<Vec<_>>();
+        s.apply(&[ApplyEntry { index, txn_id: TxnId(index.into()), writes: writes.into() }]).unwrap();
+    }
+
+    fn keys(page: &RangePage) -> Vec<&[u8]> {
+        page.entries.iter().map(|e| e.key.as_slice()).collect()
+    }
+
+    #[test]
+    fn range_pages_cover_the_range_once_and_hide_the_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        put_all(&s, 1, &[(b"a", b"1"), (b"b/1", b"2"), (b"b/2", b"3"), (b"b/3", b"4"), (b"c", b"5")]);
+        put_all(&s, 2, &[(b"b/2", b"33")]);
+        // Everything, from the empty start: the applied index's empty key is not listed.
+        let all = s.range(&RangeRequest::prefix(b"")).unwrap();
+        assert_eq!(keys(&all), [b"a".as_slice(), b"b/1", b"b/2", b"b/3", b"c"]);
+        assert_eq!((all.next, all.index), (None, 2));
+        assert_eq!(all.entries[2], RangeEntry { key: b"b/2".to_vec(), version: 2, value: Some(b"33".to_vec()) });
+        // A prefix, two at a time, keys only.
+        let mut req = RangeRequest { limit: 2, keys_only: true, ..RangeRequest::prefix(b"b/") };
+        let first = s.range(&req).unwrap();
+        assert_eq!(keys(&first), [b"b/1".as_slice(), b"b/2"]);
+        assert_eq!(first.entries[1].value, None);
+        assert_eq!(first.entries[1].version, 2);
+        req.start = first.next.clone().expect("more to come");
+        let second = s.range(&req).unwrap();
+        assert_eq!((keys(&second), second.next.as_deref()), (vec![b"b/3".as_slice()], None));
+        // Explicit bounds: start inclusive, end exclusive; an empty range is empty.
+        let bounded = RangeRequest { start: b"a".to_vec(), end: Some(b"b/3".to_vec()), ..RangeRequest::prefix(b"") };
+        assert_eq!(keys(&s.range(&bounded).unwrap()), [b"a".as_slice(), b"b/1", b"b/2"]);
+        let empty = RangeRequest { start: b"b".to_vec(), end: Some(b"b".to_vec()), ..RangeRequest::prefix(b"") };
+        assert!(s.range(&empty).unwrap().entries.is_empty());
+    }
+
+    #[test]
+    fn a_range_page_stays_near_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let big = vec![7u8; 300 * 1024];
+        let keys: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'k', b'0' + i]).collect();
+        for (i, k) in keys.iter().enumerate() {
+            put_all(&s, i as u64 + 1, &[(k, &big)]);
+        }
+        let page = s.range(&RangeRequest::prefix(b"k")).unwrap();
+        // Three values of 300 KiB fit in 1 MiB, a fourth would not.
+        assert_eq!(page.entries.len(), 3);
+        assert_eq!(page.next.as_deref(), Some(b"k3".as_slice()));
+        // Keys only: the whole range in one page.
+        let page = s.range(&RangeRequest { keys_only: true, ..RangeRequest::prefix(b"k") }).unwrap();
+        assert_eq!((page.entries.len(), page.next), (8, None));
+    }
+
+    #[test]
+    fn a_range_page_never_shows_half_of_an_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let keys: Vec<Vec<u8>> = (0..64).map(|i| format!("acct/{i:02}").into_bytes()).collect();
+        let writer = {
+            let (s, keys) = (s.clone(), keys.clone());
+            std::thread::spawn(move || {
+                for index in 1..=300u64 {
+                    let value = index.to_string().into_bytes();
+                    let kvs: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), value.as_slice())).collect();
+                    put_all(&s, index, &kvs);
+                }
+            })
+        };
+        let mut pages = 0;
+        while !writer.is_finished() || pages == 0 {
+            let page = s.range(&RangeRequest::prefix(b"acct/")).unwrap();
+            pages += 1;
+            if page.entries.is_empty() {
+                continue;
+            }
+            assert_eq!(page.entries.len(), 64);
+            assert!(
+                page.entries.iter().all(|e| e.version == page.index),
+                "page at index {} shows versions {:?}",
+                page.index,
+                page.entries.iter().map(|e| e.version).collect::<BTreeSet<_>>()
+            );
+        }
+        writer.join().unwrap();
     }
 
     #[test]

@@ -314,6 +314,17 @@ impl ReplicaCore {
         self.locks.get(key).copied()
     }
 
+    /// A prepared transaction holding some key in `[start, end)`, if any
+    /// (what a linearizable range read waits for, like a `get` for its key).
+    pub fn holder_in(&self, start: &[u8], end: Option<&[u8]>) -> Option<TxnId> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        if end.is_some_and(|e| e <= start) {
+            return None;
+        }
+        let upper = end.map_or(Unbounded, Excluded);
+        self.locks.range::<[u8], _>((Included(start), upper)).next().map(|(_, t)| *t)
+    }
+
     /// Advances time by one tick.
     pub fn tick(&mut self) {
         for p in self.prepared.values_mut() {

@@ -79,6 +79,22 @@ fn prepare_then_commit_applies_and_unlocks() {
 }
 
 #[test]
+fn a_range_is_held_while_any_key_in_it_is_prepared() {
+    let mut s = Sim::default();
+    s.prepare(&txn(1, vec![], vec![put("b/2", "1"), put("d", "1")]), 1);
+    assert_eq!(s.core.holder_in(b"b/", Some(b"b0")), Some(TxnId(1)));
+    assert_eq!(s.core.holder_in(b"b/2", Some(b"b/3")), Some(TxnId(1)), "start is inclusive");
+    assert_eq!(s.core.holder_in(b"a", Some(b"b/2")), None, "end is exclusive");
+    assert_eq!(s.core.holder_in(b"b/3", Some(b"d")), None);
+    assert_eq!(s.core.holder_in(b"", None), Some(TxnId(1)), "everything");
+    assert_eq!(s.core.holder_in(b"d", None), Some(TxnId(1)));
+    assert_eq!(s.core.holder_in(b"e", Some(b"a")), None, "an empty range holds nothing");
+    s.core.commit(TxnId(1), 1, None).unwrap();
+    s.apply_ready();
+    assert_eq!(s.core.holder_in(b"", None), None, "released by the apply");
+}
+
+#[test]
 fn a_record_that_outlived_its_apply_is_retired_when_the_commit_is_told_again() {
     let mut s = Sim::default();
     let t = txn(1, vec![], vec![put("a", "1")]);
