@@ -179,10 +179,11 @@ async fn a_large_listing_streams_in_bounded_memory() {
     }
     assert!(child.wait().unwrap().success());
     assert_eq!(lines, KEYS);
+    eprintln!("listing {KEYS} keys: CLI peak RSS {peak_cli} KiB; replica {server_before} -> peak {peak_server} KiB");
     // The listing is about 23 MB of text; one page is about 1 MB.
-    assert!(peak_cli < 48 * 1024, "the CLI grew to {peak_cli} KiB while listing");
+    assert!(peak_cli < 32 * 1024, "the CLI grew to {peak_cli} KiB while listing");
     assert!(
-        peak_server < server_before + 48 * 1024,
+        peak_server < server_before + 16 * 1024,
         "the replica grew from {server_before} to {peak_server} KiB while serving the listing"
     );
 }
