@@ -379,11 +379,19 @@ impl Node {
             };
             let wait = give_up.saturating_duration_since(Instant::now());
             if tokio::time::timeout(wait, changed.changed()).await.is_err() {
-                return Err(Error::InDoubt(format!(
-                    "{what} is held by prepared transaction {holder}, whose outcome is still unknown after {:?} \
-                     (is the coordinator down?); retry, or read with --stale",
-                    self.lock_wait
-                )));
+                let committed = self.core.lock().unwrap().committed_at(holder);
+                return Err(Error::InDoubt(match committed {
+                    Some(index) => format!(
+                        "{what} is held by transaction {holder}, committed at index {index} but not yet applied by \
+                         participant {} after {:?} (it is busy or behind); retry, use another endpoint, or read with --stale",
+                        self.id, self.lock_wait
+                    ),
+                    None => format!(
+                        "{what} is held by prepared transaction {holder}, whose outcome is still unknown after {:?} \
+                         (is the coordinator down?); retry, or read with --stale",
+                        self.lock_wait
+                    ),
+                }));
             }
         }
     }

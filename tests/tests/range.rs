@@ -77,6 +77,17 @@ async fn a_listing_on_a_replica_behind_waits_for_the_commit_it_owes() {
     let keys: Vec<_> = page.entries.iter().map(|e| (e.key.as_slice(), e.version)).collect();
     assert_eq!(keys, [(&b"t/a"[..], committed.index), (&b"t/b"[..], committed.index)]);
     assert!(page.index >= committed.index);
+
+    // An apply slower than the lock wait (2 s): the read gives up, and says
+    // that the transaction committed and this replica is behind, not that
+    // the coordinator may be down.
+    c.stop(2);
+    c.spawn(2, &[("TREATY_FAILPOINTS", "participant::before_apply=sleep(3000)")]);
+    c.wait_ready(Duration::from_secs(30)).await;
+    let slow = c.client_for(1).put(b"t/c", b"C").await.unwrap();
+    let err = c.client_for(2).range_page(&RangeRequest::prefix(b"t/")).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("committed at index {} but not yet applied by participant 2", slow.index)), "{err}");
+    assert!(!err.contains("coordinator down"), "{err}");
 }
 
 /// Writers commit transactions that set all of `acct/0..8` to one number;

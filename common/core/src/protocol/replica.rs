@@ -314,6 +314,12 @@ impl ReplicaCore {
         self.locks.get(key).copied()
     }
 
+    /// The commit index of a prepared transaction already decided here but
+    /// not yet applied (`None`: undecided, or not prepared here).
+    pub fn committed_at(&self, txn: TxnId) -> Option<u64> {
+        self.prepared.get(&txn).and_then(|p| p.decided)
+    }
+
     /// A prepared transaction holding some key in `[start, end)`, if any
     /// (what a linearizable range read waits for, like a `get` for its key).
     pub fn holder_in(&self, start: &[u8], end: Option<&[u8]>) -> Option<TxnId> {

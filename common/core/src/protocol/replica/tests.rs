@@ -89,7 +89,10 @@ fn a_range_is_held_while_any_key_in_it_is_prepared() {
     assert_eq!(s.core.holder_in(b"", None), Some(TxnId(1)), "everything");
     assert_eq!(s.core.holder_in(b"d", None), Some(TxnId(1)));
     assert_eq!(s.core.holder_in(b"e", Some(b"a")), None, "an empty range holds nothing");
+    assert_eq!(s.core.committed_at(TxnId(1)), None, "undecided");
     s.core.commit(TxnId(1), 1, None).unwrap();
+    assert_eq!(s.core.committed_at(TxnId(1)), Some(1), "decided, not applied: still held");
+    assert_eq!(s.core.holder_in(b"d", None), Some(TxnId(1)));
     s.apply_ready();
     assert_eq!(s.core.holder_in(b"", None), None, "released by the apply");
 }
