@@ -29,7 +29,12 @@ pub const FAILPOINTS_ENV: &str = "TREATY_FAILPOINTS";
 #[macro_export]
 macro_rules! crash_point {
     ($name:expr) => {
+        $crate::crash_point!($name, {})
+    };
+    // `$before` runs first (e.g. a flush, to crash with the data written).
+    ($name:expr, $before:expr) => {
         ::fail::fail_point!($name, |_| {
+            $before;
             ::tracing::error!(failpoint = $name, "failpoint hit: aborting the process");
             eprintln!("treaty: failpoint {} hit: aborting", $name);
             ::std::process::abort();

@@ -335,8 +335,7 @@ impl Node {
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
         treaty_common::types::check_key(&key)?;
         if !stale {
-            let what = format!("key {}", escape(&key));
-            self.wait_unheld(&what, |core| core.holder(&key)).await?;
+            self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
         }
         self.store.get(&key)
     }
@@ -346,19 +345,24 @@ impl Node {
     async fn range(&self, req: RangeRequest) -> Result<RangePage> {
         req.check()?;
         if !req.stale {
-            let what = match &req.end {
+            let what = || match &req.end {
                 Some(end) => format!("range [{}, {})", escape(&req.start), escape(end)),
                 None => format!("range [{}, end)", escape(&req.start)),
             };
-            self.wait_unheld(&what, |core| core.holder_in(&req.start, req.end.as_deref())).await?;
+            self.wait_unheld(what, |core| core.holder_in(&req.start, req.end.as_deref())).await?;
         }
         self.store.range(&req)
     }
 
     /// The wait of a linearizable read: the lease must be valid, then
     /// `held` must find no prepared transaction (its outcome could change
-    /// what the read returns); gives up after the lock wait.
-    async fn wait_unheld(&self, what: &str, held: impl Fn(&ReplicaCore) -> Option<TxnId>) -> Result<()> {
+    /// what the read returns); gives up after the lock wait, naming what
+    /// was read with `what` (only built then).
+    async fn wait_unheld(
+        &self,
+        what: impl FnOnce() -> String,
+        held: impl Fn(&ReplicaCore) -> Option<TxnId>,
+    ) -> Result<()> {
         {
             let standing = self.standing.lock().unwrap();
             standing.check_read(self.now_ms(), &self.coordinator.addr, |st| self.not_ready(st))?;
@@ -380,6 +384,7 @@ impl Node {
             let wait = give_up.saturating_duration_since(Instant::now());
             if tokio::time::timeout(wait, changed.changed()).await.is_err() {
                 let committed = self.core.lock().unwrap().committed_at(holder);
+                let what = what();
                 return Err(Error::InDoubt(match committed {
                     Some(index) => format!(
                         "{what} is held by transaction {holder}, committed at index {index} but not yet applied by \
@@ -435,14 +440,8 @@ impl Node {
                 let (store_result, batch) = tokio::task::spawn_blocking(move || {
                     let r = store.apply_data(&batch).and_then(|()| {
                         // Test-only: a crash between the two writes of an apply.
-                        fail::fail_point!("participant::mid_apply", |_| {
+                        crash_point!("participant::mid_apply", {
                             let _ = store.flush();
-                            tracing::error!(
-                                failpoint = "participant::mid_apply",
-                                "failpoint hit: aborting the process"
-                            );
-                            eprintln!("treaty: failpoint participant::mid_apply hit: aborting");
-                            std::process::abort();
                         });
                         store.retire(&batch)
                     });

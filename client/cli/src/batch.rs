@@ -292,6 +292,7 @@ fn describe(cmd: &Command) -> String {
         Command::Del(k) => format!("del {}", escape(k)),
         Command::Cas(k, e, n) => format!("cas {} {} {}", escape(k), escape(e), escape(n)),
         Command::If(c) => format!("if {c}"),
+        Command::Range(r) => r.to_string(),
         other => other.name().to_string(),
     }
 }
@@ -448,45 +449,6 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
         if stop {
             break;
         }
-        if let [Line { no, cmd: Command::Range(r) }] = unit.lines.as_slice() {
-            // A range read sees every earlier line's effect and none of a
-            // later one: it runs alone, streamed straight to the output.
-            while let Some((_, _, handle)) = in_flight.pop_front() {
-                let o = handle.await.expect("batch task panicked");
-                done_lines += o.unit.lines.len();
-                let failed = o.result.is_err();
-                report(&mut out, &o, args.json, &mut tally);
-                stop |= failed && !args.keep_going;
-            }
-            if stop {
-                break;
-            }
-            done_lines += 1;
-            match print_range(&mut out, &client, r, args.json, Some(*no)).await {
-                Ok((count, next)) => {
-                    tally.reads += count;
-                    if let (Some(next), false) = (next, args.json) {
-                        let _ = writeln!(out, "more       line {no}  {r}: continue with: {}", r.continue_at(&next));
-                    }
-                }
-                Err(e) => {
-                    tally.failed += 1;
-                    tally.unavailable |= matches!(e, Error::Unavailable(_) | Error::NotReady(_));
-                    let _ = if args.json {
-                        writeln!(
-                            out,
-                            "{}",
-                            json!({"line": no, "command": r.name(), "status": "failed", "error": e.to_string()})
-                        )
-                    } else {
-                        writeln!(out, "failed     line {no}  {r}: {e}")
-                    };
-                    tally.first_failure.get_or_insert_with(|| format!("line {no} ({r}): {e}"));
-                    stop = !args.keep_going;
-                }
-            }
-            continue;
-        }
         let keys = unit.keys();
         let conditional = unit.conditional();
         // Without --keep-going, nothing runs past a unit that may abort, so
@@ -494,9 +456,13 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
         let barrier = |in_flight: &VecDeque<(BTreeSet<Vec<u8>>, bool, _)>| {
             !args.keep_going && !in_flight.is_empty() && (conditional || in_flight.iter().any(|(_, c, _)| *c))
         };
+        // A listing sees every earlier line's effect and none of a later
+        // one: it waits for everything in flight, then runs alone.
+        let listing = matches!(unit.lines.as_slice(), [Line { cmd: Command::Range(_), .. }]);
         while in_flight.len() >= window
             || in_flight.iter().any(|(k, _, _)| !k.is_disjoint(&keys))
             || barrier(&in_flight)
+            || (listing && !in_flight.is_empty())
         {
             let (_, _, handle) = in_flight.pop_front().expect("non-empty");
             let o = handle.await.expect("batch task panicked");
@@ -510,6 +476,23 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
         }
         if stop {
             break;
+        }
+        if let [Line { no, cmd: Command::Range(r) }] = unit.lines.as_slice() {
+            // Streamed straight to the output, never collected.
+            done_lines += 1;
+            match print_range(&mut out, &client, r, args.json, Some(*no)).await {
+                Ok((count, next)) => {
+                    tally.reads += count;
+                    if let (Some(next), false) = (next, args.json) {
+                        let _ = writeln!(out, "more       line {no}  {r}: continue with: {}", r.continue_at(&next));
+                    }
+                }
+                Err(e) => {
+                    stop = !args.keep_going;
+                    report(&mut out, &Outcome { unit, reads: Vec::new(), result: Err(e) }, args.json, &mut tally);
+                }
+            }
+            continue;
         }
         if progress && last_progress.elapsed() > Duration::from_millis(200) {
             last_progress = Instant::now();

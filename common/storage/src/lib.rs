@@ -417,7 +417,6 @@ impl ReplicaStore {
             return Ok(());
         };
         let mut batch = sled::Batch::default();
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         for e in entries {
             for w in e.writes.iter() {
                 match w {
@@ -427,6 +426,7 @@ impl ReplicaStore {
             }
         }
         batch.insert(APPLIED_KEY, &last.index.to_be_bytes());
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         self.data.apply_batch(batch).db()
     }
 
