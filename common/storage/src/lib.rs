@@ -681,6 +681,22 @@ impl CoordinatorStore {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    /// Opens again a store the test has just dropped: sled releases its
+    /// file lock from a background thread a moment after the last handle
+    /// goes, so a reopen at once can find the lock still held.
+    fn reopen<T>(open: impl Fn() -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match open() {
+                Err(e) if e.to_string().contains("could not acquire lock") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r,
+            }
+        }
+    }
 
     #[test]
     fn a_participant_dir_refuses_another_node_id_and_stays_intact() {
@@ -695,9 +711,9 @@ mod tests {
             s.apply(&[e]).unwrap();
             s.flush().unwrap();
         }
-        let err = ReplicaStore::open(dir.path(), 2).err().unwrap().to_string();
+        let err = reopen(|| ReplicaStore::open(dir.path(), 2)).err().unwrap().to_string();
         assert!(err.contains("belongs to participant 1") && err.contains("participant 2"), "{err}");
-        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
         assert_eq!(s.get(b"k").unwrap().unwrap(), Versioned { value: b"v".to_vec(), version: 1 });
         assert_eq!(s.applied_index().unwrap(), 1);
     }
@@ -720,7 +736,7 @@ mod tests {
             s.apply_data(&[ApplyEntry { index: 5, txn_id: TxnId(9), writes: rec.writes.clone() }]).unwrap();
             s.flush().unwrap();
         }
-        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
         assert_eq!(s.applied_index().unwrap(), 5);
         assert_eq!(s.get(b"k").unwrap().unwrap(), Versioned { value: b"v".to_vec(), version: 5 });
         assert_eq!(s.get(b"").unwrap(), None, "the applied index must not read as a key");
@@ -834,9 +850,9 @@ mod tests {
         s.record_commits(&[LogEntry { index: 1, txn_id: TxnId(1), writes: vec![] }]).unwrap();
         s.flush().unwrap();
         drop(s);
-        let err = CoordinatorStore::open(dir.path(), &ps[..1]).err().unwrap().to_string();
+        let err = reopen(|| CoordinatorStore::open(dir.path(), &ps[..1])).err().unwrap().to_string();
         assert!(err.contains("was created for participants a:1,b:2"), "{err}");
-        let (s, c2) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        let (s, c2) = reopen(|| CoordinatorStore::open(dir.path(), &ps)).unwrap();
         assert_eq!(c1, c2);
         assert_eq!(s.last_index().unwrap(), 1);
         assert_eq!(s.decision(TxnId(1)).unwrap(), Some(Decision::Committed(1)));
