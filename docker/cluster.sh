@@ -18,7 +18,8 @@
 # the host CLI finds them without flags.
 #
 # Environment: TREATY_PROJECT (compose project name, default "treaty"),
-# TREATY_PORT_0..5 (host ports), TREATY_UP_TIMEOUT (seconds, default 90).
+# TREATY_PORT_0..5 (host ports), TREATY_UP_TIMEOUT (seconds, default 90),
+# TREATY_IMAGE (the image to build and run, default treaty:<project>).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -36,6 +37,7 @@ else
 fi
 dc() { "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" "$@"; }
 export TREATY_CERTS_DIR="${TREATY_CERTS_DIR:-$here/certs/$project}"
+export TREATY_IMAGE="${TREATY_IMAGE:-treaty:$project}"
 host_cli="$root/target/$target/release/treaty"
 host_endpoints() {
   local eps="" i
@@ -64,9 +66,9 @@ build() {
     cp "$root/target/$target/release/$b" "$stage/"
     strip "$stage/$b" 2>/dev/null || true
   done
-  echo "==> building image treaty:latest"
-  docker build -q -t treaty:latest -f "$here/Dockerfile" "$stage" >/dev/null
-  docker image ls treaty:latest --format 'image treaty:latest {{.Size}}'
+  echo "==> building image $TREATY_IMAGE"
+  docker build -q -t "$TREATY_IMAGE" -f "$here/Dockerfile" "$stage" >/dev/null
+  docker image ls "$TREATY_IMAGE" --format "image $TREATY_IMAGE {{.Size}}"
 }
 
 containers() { dc ps -q; }

@@ -19,6 +19,10 @@ fi
 
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
 treaty="$root/target/release/treaty"
+# This run's own image, removed at the end: runs from two checkouts never
+# test each other's binaries.
+export TREATY_IMAGE="${TREATY_IMAGE:-treaty:test-$$}"
+trap 'docker image rm -f "$TREATY_IMAGE" >/dev/null 2>&1 || true' EXIT
 passed=0
 failed=0
 failures=""
@@ -132,21 +136,21 @@ test_strangers_are_refused() {
   net="${project}_treaty"
   tx 1 put color blue >/dev/null
   # A container on the cluster's network without credentials.
-  out=$(docker run --rm --network "$net" treaty:latest --endpoints participant-1:7001 get color 2>&1) && code=0 || code=$?
+  out=$(docker run --rm --network "$net" "$TREATY_IMAGE" --endpoints participant-1:7001 get color 2>&1) && code=0 || code=$?
   [ "$code" -eq 2 ] && grep -q "no client credentials" <<<"$out" || fail "no credentials: code $code: $out" || return 1
   # ... that insists on plaintext.
-  out=$(docker run --rm --network "$net" treaty:latest --insecure --endpoints participant-1:7001 put color red 2>&1) && code=0 || code=$?
+  out=$(docker run --rm --network "$net" "$TREATY_IMAGE" --insecure --endpoints participant-1:7001 put color red 2>&1) && code=0 || code=$?
   [ "$code" -eq 3 ] && grep -q "requires TLS" <<<"$out" || fail "plaintext: code $code: $out" || return 1
   # ... or brings certificates from another cluster's CA.
   other="$scratch/other"
   "$treaty" certs create "$other" --participants 5 >/dev/null
-  out=$(docker run --rm --network "$net" -v "$other:/certs:ro" -e TREATY_CERTS=/certs treaty:latest \
+  out=$(docker run --rm --network "$net" -v "$other:/certs:ro" -e TREATY_CERTS=/certs "$TREATY_IMAGE" \
     --endpoints participant-1:7001 put color red 2>&1) && code=0 || code=$?
   [ "$code" -eq 3 ] && grep -q "another CA" <<<"$out" || fail "foreign CA: code $code: $out" || return 1
   # ... even posing as participant 3 with a certificate of its own CA.
   out=$(docker run --rm --network "$net" -v "$other:/certs:ro" -e TREATY_CERTS=/certs -e TREATY_ID=3 \
     -e TREATY_DATA_DIR=/tmp/d -e TREATY_LISTEN=0.0.0.0:7003 -e TREATY_COORDINATOR=coordinator:7000 \
-    --entrypoint /usr/local/bin/treaty-participant treaty:latest 2>&1) && code=0 || code=$?
+    --entrypoint /usr/local/bin/treaty-participant "$TREATY_IMAGE" 2>&1) && code=0 || code=$?
   [ "$code" -ne 0 ] && grep -q "another CA" <<<"$out" || fail "foreign participant: code $code: $out" || return 1
   echo "    e.g. $(tail -1 <<<"$out")"
   same_everywhere color blue
@@ -265,6 +269,15 @@ test_restart_and_down_up_keep_data() {
 test_wiped_participant_reseeds() {
   for i in $(seq 1 5); do tx 1 put "seed/$i" "$i" >/dev/null; done
   dc stop participant-5 >/dev/null 2>&1
+  # A stopped container's name no longer resolves: status says so in plain
+  # words, not with the resolver's error.
+  local out deadline=$((SECONDS + 10))
+  until out=$(tx 1 status 2>&1 || true); grep -q "participant 5 at participant-5:7005 is not running or not reachable" <<<"$out"; do
+    [ $SECONDS -lt $deadline ] || fail "a stopped participant is not named in plain words: $out" || return 1
+    sleep 0.5
+  done
+  ! grep -q "lookup address" <<<"$out" || fail "status shows the resolver's error: $out" || return 1
+  echo "    $(grep "participant 5 " <<<"$out" | sed 's/  */ /g')"
   dc rm -f participant-5 >/dev/null 2>&1
   docker volume rm "${project}_participant-5-data" >/dev/null
   dc up -d participant-5 >/dev/null 2>&1
@@ -275,7 +288,7 @@ test_wiped_participant_reseeds() {
 test_bad_configuration_exits_with_a_message() {
   local net img
   net="${project}_treaty"
-  img=treaty:latest
+  img="$TREATY_IMAGE"
   # Wrong coordinator address: a replica that never joined gives up.
   local out code
   local certs=(-v "$TREATY_CERTS_DIR:/certs:ro" -e TREATY_CERTS=/certs)
@@ -298,9 +311,37 @@ test_bad_configuration_exits_with_a_message() {
   wait_healthy && converged
 }
 
+test_shell_history_survives() {
+  # Two shells in a row (`cluster.sh repl` runs the same service), on a real
+  # terminal: the second recalls the first one's line with the Up arrow.
+  python3 - "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" run --rm client repl <<'PY' || fail "shell history"
+import sys, pexpect
+argv = sys.argv[1:]
+def shell():
+    s = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=60, dimensions=(40, 200))
+    s.expect(r"treaty \S+> ")
+    return s
+s = shell()
+s.sendline("put hist/key from-the-first-shell")
+s.expect(r"OK \(commit index \d+\)")
+s.expect(r"treaty \S+> ")
+s.sendeof()
+s.expect(pexpect.EOF)
+s = shell()
+s.send("\x1b[A")  # Up: the previous shell's last line
+s.expect("put hist/key from-the-first-shell")
+s.send("\r")
+s.expect(r"OK \(commit index \d+\)")
+s.expect(r"treaty \S+> ")
+s.sendeof()
+s.expect(pexpect.EOF)
+print("    the second shell recalled: put hist/key from-the-first-shell")
+PY
+}
+
 all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
   network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
-  bad_configuration_exits_with_a_message)
+  bad_configuration_exits_with_a_message shell_history_survives)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

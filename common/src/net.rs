@@ -303,12 +303,30 @@ fn explain_tls_failure(addr: &str, e: io::Error, server_said: &[u8]) -> String {
     }
 }
 
+/// Why a TCP connect failed, in the words of someone running the cluster
+/// rather than the socket API's ("nothing listens on ...", not "os error 111";
+/// "the name does not resolve", not getaddrinfo's text, which is what a
+/// stopped docker container's name produces).
+fn plain_connect_error(addr: &str, e: &io::Error) -> String {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => format!("nothing listens on {addr}"),
+        io::ErrorKind::TimedOut => format!("no answer from {addr}"),
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => format!("no route to {addr}"),
+        _ if e.to_string().contains("lookup address") => {
+            format!("the name {host} does not resolve (a stopped container's name disappears from docker's DNS)")
+        }
+        _ => format!("{addr}: {e}"),
+    }
+}
+
 /// Opens a connection to `addr`, with TLS unless insecure, expecting `expect`.
 pub async fn connect(addr: &str, security: &Security, expect: &Expect, timeout: Duration) -> io::Result<BoxIo> {
     let started = Instant::now();
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer from {addr} within {timeout:?}")))?
+        .map_err(|e| io::Error::new(e.kind(), plain_connect_error(addr, &e)))?;
     stream.set_nodelay(true)?;
     match security {
         Security::Insecure => Ok(Box::new(stream)),
@@ -418,7 +436,7 @@ impl<C: RpcClient> Peer<C> {
         let io = connect(&self.addr, &self.security, &self.expect, CONNECT_TIMEOUT).await.map_err(|e| {
             Error::Unavailable(match e.kind() {
                 io::ErrorKind::PermissionDenied => e.to_string(),
-                _ => format!("{} unreachable: {e}", self.name),
+                _ => format!("{} is not running or not reachable: {e}", self.name),
             })
         })?;
         let (client, dispatch) = C::start(io);
@@ -531,9 +549,11 @@ pub fn deadline(timeout: Duration) -> tarpc::context::Context {
 pub fn rpc_error(peer: &str, e: RpcError) -> Error {
     match e {
         RpcError::DeadlineExceeded => Error::Unavailable(format!("{peer} did not answer in time")),
-        RpcError::Shutdown => Error::Unavailable(format!("{peer} unreachable: connection closed")),
+        RpcError::Shutdown => {
+            Error::Unavailable(format!("{peer} is not running or not reachable: the connection closed"))
+        }
         RpcError::Server(e) => Error::Unavailable(format!("{peer} could not take the request: {}", e.detail)),
-        other => Error::Unavailable(format!("{peer} unreachable: {other}")),
+        other => Error::Unavailable(format!("{peer} is not running or not reachable: {other}")),
     }
 }
 
@@ -837,6 +857,19 @@ mod tests {
         ok.put_u32(2);
         ok.put_slice(b"hi");
         assert_eq!(&codec.decode(&mut ok).unwrap().unwrap()[..], b"hi");
+    }
+
+    #[tokio::test]
+    async fn connect_errors_are_in_plain_words() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let e = connect(&addr, &Security::Insecure, &Expect::AnyNode, Duration::from_secs(1)).await.err().unwrap();
+        assert_eq!(e.to_string(), format!("nothing listens on {addr}"));
+        // What getaddrinfo says for a stopped container's name.
+        let dns = io::Error::other("failed to lookup address information: Name or service not known");
+        let said = plain_connect_error("participant-3:7003", &dns);
+        assert!(said.starts_with("the name participant-3 does not resolve"), "{said}");
     }
 
     #[tokio::test]

@@ -739,12 +739,19 @@ impl ParticipantService for Server {
     }
 
     async fn cluster_status(self, _: Context) -> Result<ClusterStatus> {
-        self.node
+        let mut status = self
+            .node
             .coordinator
             .call_infallible(|c: CoordinatorServiceClient| async move {
                 c.status(rpc::deadline(Duration::from_secs(5))).await
             })
-            .await
+            .await?;
+        // A coordinator listening on every interface reports 0.0.0.0:PORT,
+        // which nobody can dial: show the address this participant uses.
+        if status.coordinator.addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) {
+            status.coordinator.addr = self.node.coordinator.addr.clone();
+        }
+        Ok(status)
     }
 }
 

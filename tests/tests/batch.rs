@@ -34,7 +34,8 @@ fn golden(c: &Cluster, file: &Path, extra: &[&str], suffix: &str) {
     let mut cmd = c.cli();
     cmd.current_dir(here()).arg("--endpoints").arg(c.participant_addrs().join(",")).arg("run").args(&args);
     let out = cmd.output().unwrap();
-    let actual = format!("# exit {}\n{}", out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout));
+    let stdout = ids_replaced(&String::from_utf8_lossy(&out.stdout));
+    let actual = format!("# exit {}\n{stdout}", out.status.code().unwrap());
     let expected_path = file.with_extension(suffix);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&expected_path, &actual).unwrap();
@@ -43,6 +44,30 @@ fn golden(c: &Cluster, file: &Path, extra: &[&str], suffix: &str) {
     let expected = std::fs::read_to_string(&expected_path)
         .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", expected_path.display()));
     assert_eq!(actual, expected, "golden mismatch for {rel}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Transaction ids are random: each `"txn":"<32 hex digits>"` becomes
+/// `"txn":"<id N>"`, N counting distinct ids in order of appearance, so the
+/// golden files still say which lines share a transaction.
+fn ids_replaced(text: &str) -> String {
+    const FIELD: &str = "\"txn\":\"";
+    let mut seen: Vec<String> = Vec::new();
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(FIELD) {
+        let (head, tail) = rest.split_at(at + FIELD.len());
+        out.push_str(head);
+        let id = &tail[..tail.find('"').expect("closing quote")];
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "not a transaction id: {id}");
+        let n = seen.iter().position(|s| s == id).unwrap_or_else(|| {
+            seen.push(id.to_string());
+            seen.len() - 1
+        });
+        out.push_str(&format!("<id {}>", n + 1));
+        rest = &tail[id.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,7 +249,8 @@ async fn below_the_minimum_writes_are_refused_with_a_clear_error() {
     assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
     match &e {
         Error::Unavailable(m) => assert!(
-            m.contains(&format!("participant 3 at {} unreachable", c.addr(3))) || m.contains("only 2 of 3 replicas"),
+            m.contains(&format!("participant 3 at {} is not running or not reachable", c.addr(3)))
+                || m.contains("only 2 of 3 replicas"),
             "{m}"
         ),
         other => panic!("expected unavailable, got {other}"),
@@ -383,7 +384,12 @@ async fn the_cli_reports_outcomes_with_exit_codes() {
     let out = treaty(&c, &["--endpoints", "127.0.0.1:1", "put", "a", "b"]);
     assert_eq!(out.status.code(), Some(3), "unreachable cluster");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not committed: endpoint 127.0.0.1:1 unreachable"), "{err}");
+    assert!(
+        err.contains(
+            "not committed: endpoint 127.0.0.1:1 is not running or not reachable: nothing listens on 127.0.0.1:1"
+        ),
+        "{err}"
+    );
     assert!(err.contains("retrying is safe"), "{err}");
     assert!(!err.contains("may or may not have committed"), "nothing was sent, so nothing is in doubt: {err}");
 }
@@ -391,6 +397,69 @@ async fn the_cli_reports_outcomes_with_exit_codes() {
 /// A commit decision is written before it is synced; until the sync, no
 /// client, participant or log fetch may learn of it, or a crash in between
 /// could take back what they were told.
+/// The one JSON object a command printed.
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 1, "one line: {text}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_carries_ids_values_and_every_nodes_state() {
+    use serde_json::json;
+    let mut c = Cluster::start(3).await;
+    let eps = c.participant_addrs().join(",");
+    let out = treaty(&c, &["--endpoints", &eps, "-o", "json", "put", "name", "treaty"]);
+    let put = json_of(&out);
+    assert_eq!((put["status"].as_str(), put["index"].as_u64()), (Some("committed"), Some(1)), "{put}");
+    let id = put["txn"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{put}");
+    // The id is the transaction's: outcome finds it.
+    let out = treaty(&c, &["--endpoints", &eps, "outcome", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_of(&out), json!({"txn": id, "outcome": "committed", "index": 1}));
+    let out = treaty(&c, &["--endpoints", &eps, "get", "name", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_of(&out), json!({"key": "name", "found": true, "value": "treaty", "version": 1, "stale": false}));
+    let out = treaty(&c, &["--endpoints", &eps, "--json", "get", "nothing", "--stale"]);
+    assert_eq!(out.status.code(), Some(4), "missing key");
+    assert_eq!(json_of(&out), json!({"key": "nothing", "found": false, "stale": true}));
+    let out = treaty(&c, &["--endpoints", &eps, "cas", "name", "wrong", "x", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).contains("condition failed"), "{out:?}");
+    let out = treaty(&c, &["--endpoints", &eps, "status", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let s = json_of(&out);
+    assert_eq!(s["last_commit_index"], 1, "{s}");
+    assert_eq!(s["members"], json!([1, 2, 3]), "{s}");
+    for (i, p) in s["participants"].as_array().unwrap().iter().enumerate() {
+        assert_eq!((&p["id"], &p["state"], &p["applied_index"]), (&json!(i + 1), &json!("up"), &json!(1)), "{p}");
+        assert_eq!(p["addr"], c.addr(i + 1), "{p}");
+    }
+    assert_eq!(s["coordinator"]["addr"], c.addr(0), "{s}");
+    // A killed participant shows as down, with the reason in plain words.
+    c.kill(3);
+    let out = treaty(&c, &["--endpoints", &eps, "status", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let p3 = json_of(&out)["participants"][2].clone();
+    assert_eq!(p3["state"], "down", "{p3}");
+    let why = p3["error"].as_str().unwrap();
+    assert!(why.contains(&format!("participant 3 at {} is not running or not reachable", c.addr(3))), "{why}");
+    // Without the coordinator: what each endpoint says about itself.
+    c.kill(0);
+    let out = treaty(&c, &["--endpoints", &eps, "status", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let s = json_of(&out);
+    assert!(s["coordinator"].is_null() && s["error"].as_str().unwrap().contains("coordinator"), "{s}");
+    let states: Vec<&str> = s["endpoints"].as_array().unwrap().iter().map(|e| e["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["up", "up", "down"], "{s}");
+    assert_eq!(s["endpoints"][0]["applied_index"], 1, "{s}");
+    let out = treaty(&c, &["--endpoints", &eps, "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("the coordinator is unreachable through every endpoint"), "{text}");
+    assert_eq!(text.matches(" up ").count(), 2, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_is_told_to_nobody_before_it_is_durable() {
     let mut c = Cluster::start(3).await;

@@ -197,3 +197,43 @@ async fn listings_key_completion_and_psql_habits() {
     s.send_line("\\q").unwrap();
     s.exp_eof().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_mode_and_status_without_a_coordinator() {
+    let mut c = Cluster::start(3).await;
+    c.client().put(b"k", b"v1").await.unwrap();
+    c.wait_ready(Duration::from_secs(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = shell(&c, &c.participant_addrs(), &dir.path().join("h"));
+    s.send_line("status").unwrap();
+    s.exp_regex(r"participant 3 +\S+ +up +1 ").unwrap();
+    // The coordinator dies: status falls back to the endpoints, and once the
+    // replicas' read leases run out only stale reads are served.
+    c.kill(0);
+    s.send_line("status").unwrap();
+    s.exp_string("the coordinator is unreachable through every endpoint").unwrap();
+    s.exp_regex(r"\S+ +participant 2 +up +1 ").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.send_line("get k").unwrap();
+    s.exp_string("no read lease").unwrap();
+    s.send_line("stale on").unwrap();
+    s.exp_string("stale reads on").unwrap();
+    s.exp_string(&format!("treaty {} stale> ", c.addr(1))).unwrap();
+    s.send_line("get k").unwrap();
+    s.exp_string("v1  (version 1, stale read)").unwrap();
+    s.send_line("scan \"\"").unwrap();
+    s.exp_string("(1 key, as of index 1, stale read)").unwrap();
+    s.send_line("stale").unwrap();
+    s.exp_string("stale reads off: reads are linearizable").unwrap();
+    s.send_line("get k").unwrap();
+    s.exp_string("no read lease").unwrap();
+    // With the coordinator back, linearizable reads are served again.
+    c.spawn(0, &[]);
+    c.wait_ready(Duration::from_secs(20)).await;
+    s.send_line("get k").unwrap();
+    s.exp_string("v1  (version 1)").unwrap();
+    s.send_line("help stale").unwrap();
+    s.exp_string("example: stale on").unwrap();
+    s.send_line("exit").unwrap();
+    s.exp_eof().unwrap();
+}

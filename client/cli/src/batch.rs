@@ -36,8 +36,8 @@ pub struct RunArgs {
     /// Continue past a failed transaction (default: stop at the first).
     #[arg(long)]
     pub keep_going: bool,
-    /// Print one JSON object per command.
-    #[arg(long)]
+    /// One JSON object per command (set by the global `-o json` / `--json`).
+    #[arg(skip)]
     pub json: bool,
     /// Transactions in flight at once (1 runs strictly one after another).
     #[arg(long, default_value_t = 32)]
@@ -173,6 +173,7 @@ fn check(path: &std::path::Path, name: &str, atomic: bool) -> Result<usize, Stri
             Command::Status
             | Command::Outcome(_)
             | Command::Timing(_)
+            | Command::Stale(_)
             | Command::Help(_)
             | Command::Exit
             | Command::Show => {
@@ -235,13 +236,15 @@ struct Outcome {
     unit: Unit,
     /// Values read by gets, by line.
     reads: Vec<(usize, Option<treaty_common::Versioned>)>,
+    /// The transaction submitted, if the unit wrote anything.
+    txn: Option<treaty_common::TxnId>,
     result: Result<Option<u64>, Error>,
 }
 
 async fn execute(client: Arc<Client>, unit: Unit) -> Outcome {
     let mut reads = Vec::new();
     if unit.discarded {
-        return Outcome { unit, reads, result: Ok(None) };
+        return Outcome { unit, reads, txn: None, result: Ok(None) };
     }
     let mut conditions = Vec::new();
     let mut writes = Vec::new();
@@ -255,7 +258,7 @@ async fn execute(client: Arc<Client>, unit: Unit) -> Outcome {
                     }
                     reads.push((l.no, v));
                 }
-                Err(e) => return Outcome { unit, reads, result: Err(e) },
+                Err(e) => return Outcome { unit, reads, txn: None, result: Err(e) },
             },
             Command::Put(k, v) => writes.push(Write::Put(k.clone(), v.clone())),
             Command::Del(k) => writes.push(Write::Delete(k.clone())),
@@ -268,10 +271,12 @@ async fn execute(client: Arc<Client>, unit: Unit) -> Outcome {
         }
     }
     if writes.is_empty() {
-        return Outcome { unit, reads, result: Ok(None) };
+        return Outcome { unit, reads, txn: None, result: Ok(None) };
     }
-    let result = client.commit(Txn::new(conditions, writes)).await.map(|c| Some(c.index));
-    Outcome { unit, reads, result }
+    let txn = Txn::new(conditions, writes);
+    let id = txn.id;
+    let result = client.commit(txn).await.map(|c| Some(c.index));
+    Outcome { unit, reads, txn: Some(id), result }
 }
 
 #[derive(Default)]
@@ -299,7 +304,7 @@ fn describe(cmd: &Command) -> String {
 
 /// Puts bytes into a JSON object losslessly: valid UTF-8 as the string
 /// `field`, anything else base64-encoded as `field_base64`.
-fn json_bytes(obj: &mut serde_json::Value, field: &str, bytes: &[u8]) {
+pub fn json_bytes(obj: &mut serde_json::Value, field: &str, bytes: &[u8]) {
     use base64::Engine as _;
     match std::str::from_utf8(bytes) {
         Ok(text) => obj[field] = json!(text),
@@ -354,6 +359,9 @@ fn report(out: &mut impl std::io::Write, o: &Outcome, json_mode: bool, tally: &m
                     }
                     None => obj["found"] = json!(false),
                 }
+            }
+            if let Some(id) = o.txn {
+                obj["txn"] = json!(id.to_string());
             }
             match &o.result {
                 Ok(Some(index)) => obj["index"] = json!(index),
@@ -436,7 +444,16 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
     let units = Units { lines: BufReader::new(file).lines().enumerate(), atomic: args.atomic, done: false };
     let client = Arc::new(client);
     let window = args.pipeline.max(1);
-    let progress = std::io::stderr().is_terminal() && total >= 1000;
+    // On a terminal, for a file worth watching: commands done of the total
+    // the check pass counted, rate, percentage and ETA.
+    let progress = (std::io::stderr().is_terminal() && total >= 1000).then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:24} {pos}/{len} commands ({percent}%)  {msg}  ETA {eta}")
+                .expect("progress template"),
+        );
+        bar
+    });
     let started = Instant::now();
     let mut last_progress = Instant::now();
     let mut done_lines = 0usize;
@@ -489,15 +506,21 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
                 }
                 Err(e) => {
                     stop = !args.keep_going;
-                    report(&mut out, &Outcome { unit, reads: Vec::new(), result: Err(e) }, args.json, &mut tally);
+                    report(
+                        &mut out,
+                        &Outcome { unit, reads: Vec::new(), txn: None, result: Err(e) },
+                        args.json,
+                        &mut tally,
+                    );
                 }
             }
             continue;
         }
-        if progress && last_progress.elapsed() > Duration::from_millis(200) {
+        if let Some(bar) = progress.as_ref().filter(|_| last_progress.elapsed() > Duration::from_millis(200)) {
             last_progress = Instant::now();
             let rate = tally.committed as f64 / started.elapsed().as_secs_f64();
-            eprint!("\r{done_lines}/{total} commands  {} committed  {rate:.0} txn/s   ", tally.committed);
+            bar.set_position(done_lines as u64);
+            bar.set_message(format!("{} committed, {rate:.0} txn/s", tally.committed));
         }
         in_flight.push_back((keys, conditional, tokio::spawn(execute(client.clone(), unit))));
     }
@@ -507,8 +530,8 @@ pub async fn run(client: Client, args: RunArgs) -> i32 {
     }
     let _ = out.flush();
     drop(out);
-    if progress {
-        eprint!("\r\x1b[2K");
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rate = tally.committed as f64 / elapsed.max(1e-9);

@@ -4,9 +4,13 @@
 //! (each connection goes to the next endpoint). Keys are the zero-padded
 //! decimal of a uniform random index in `[0, --key-space)` (16 bytes); values
 //! are `--value-size` random bytes.
+//!
+//! On a terminal a live line shows progress, the rate so far and the p99 of
+//! the last half second; otherwise nothing is recorded for it.
 
+use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -46,8 +50,8 @@ pub struct BenchArgs {
     /// Give up after this many seconds even if not all requests were sent.
     #[arg(long, default_value_t = 300)]
     pub max_seconds: u64,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
+    /// One JSON object instead of text (set by the global `-o json` / `--json`).
+    #[arg(skip)]
     pub json: bool,
 }
 
@@ -92,8 +96,17 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     let started = Instant::now();
+    // Latencies since the live line last looked, and requests finished.
+    let live = std::io::stderr().is_terminal().then(|| {
+        Arc::new((
+            Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+            AtomicU64::new(0),
+        ))
+    });
+    let ticker = live.clone().map(|live| tokio::spawn(live_line(live, args.ops, started)));
     let tasks: Vec<_> = (0..args.clients)
         .map(|c| {
+            let live = live.clone();
             let client = clients[c % conns].clone();
             let remaining = remaining.clone();
             let errors = errors.clone();
@@ -132,6 +145,12 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
                         Workload::Get => client.get(&key(rng.gen_range(0..key_space))).await.map(|_| ()),
                     };
                     let micros = t0.elapsed().as_micros().max(1) as u64;
+                    if let Some(live) = &live {
+                        if result.is_ok() {
+                            let _ = live.0.lock().unwrap().record(micros);
+                        }
+                        live.1.fetch_add(1, Ordering::Relaxed);
+                    }
                     match result {
                         Ok(()) => {
                             let _ = hist.record(micros);
@@ -149,6 +168,10 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     for t in tasks {
         hist.add(t.await.expect("bench client panicked")).expect("histogram merge");
+    }
+    if let Some(t) = ticker {
+        t.abort();
+        let _ = t.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     // Writes only: the counters count write-path work.
@@ -196,6 +219,38 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
         1
     } else {
         0
+    }
+}
+
+/// The live line, redrawn every half second until aborted; cleared on drop.
+async fn live_line(live: Arc<(Mutex<Histogram<u64>>, AtomicU64)>, ops: u64, started: Instant) {
+    let bar = indicatif::ProgressBar::new(ops);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:24} {pos}/{len} requests  {msg}  ETA {eta}")
+            .expect("progress template"),
+    );
+    struct Clear(indicatif::ProgressBar);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.finish_and_clear();
+        }
+    }
+    let bar = Clear(bar);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let done = live.1.load(Ordering::Relaxed);
+        let p99 = {
+            let mut h = live.0.lock().unwrap();
+            let p99 = (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0);
+            h.reset();
+            p99
+        };
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        bar.0.set_position(done);
+        bar.0.set_message(match p99 {
+            Some(p99) => format!("{rate:.0} ops/s  p99 {p99:.2} ms (last 0.5 s)"),
+            None => format!("{rate:.0} ops/s  (nothing finished in the last 0.5 s)"),
+        });
     }
 }
 

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use treaty_client::{credentials, Client, Error, Identity, Outcome, ReadMode, Security, Txn, Write};
-use treaty_common::rpc::NodeStatus;
+use serde_json::json;
+use treaty_client::{credentials, Client, Condition, Error, Identity, Outcome, ReadMode, Security, Txn, Write};
 use treaty_common::types::escape;
 
 mod batch;
@@ -16,12 +16,13 @@ mod bench;
 mod demo;
 mod repl;
 mod script;
+mod status;
 
 const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
 
 /// Treaty: a replicated key-value store where every write is a two-phase-commit transaction.
 #[derive(Parser, Debug)]
-#[command(version, about, propagate_version = true)]
+#[command(name = "treaty", version, about, propagate_version = true)]
 struct Cli {
     /// Participant endpoints to talk to, comma-separated (fails over in order).
     #[arg(long, env = "TREATY_ENDPOINTS", value_delimiter = ',', default_value = DEFAULT_ENDPOINTS, global = true)]
@@ -34,8 +35,23 @@ struct Cli {
     /// Connect without TLS (only to a cluster started with --insecure).
     #[arg(long, env = "TREATY_INSECURE", global = true, conflicts_with = "certs")]
     insecure: bool,
+    /// How commands that print data print it: `plain` for people, `json`
+    /// for scripts (one JSON object per line; see docs/cli.md). Errors go
+    /// to standard error as text either way, with the exit status.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Plain, global = true)]
+    output: Output,
+    /// Shorthand for `-o json`.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// The output format (`-o`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Plain,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,11 +143,6 @@ struct RangeOpts {
     /// Serve from one replica's local state even if it may be behind.
     #[arg(long)]
     stale: bool,
-    /// One JSON object per key (`key`, `value`, `version`; `key_base64` /
-    /// `value_base64` for bytes that are not UTF-8), and `{"status":"more","next":...}`
-    /// when --limit cut the listing short.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,106 +211,6 @@ fn exit_code(e: &Error) -> i32 {
 fn fail(e: Error) -> i32 {
     eprintln!("error: {e}");
     exit_code(&e)
-}
-
-fn print_status(client: &Client, rt: &tokio::runtime::Runtime) -> i32 {
-    rt.block_on(async {
-        match client.cluster_status().await {
-            Ok(s) => {
-                println!(
-                    "cluster {}  last commit index {}  view epoch {}  members {:?} (minimum {}){}",
-                    s.coordinator.cluster.map(|c| c.to_string()).unwrap_or_default(),
-                    s.coordinator.applied_index,
-                    s.coordinator.epoch,
-                    s.members,
-                    s.min_replicas,
-                    if s.coordinator.ready { "" } else { "  WRITES REFUSED: too few members" }
-                );
-                if let Some(why) = &s.coordinator.fenced {
-                    println!("COORDINATOR: {why}");
-                }
-                println!(
-                    "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  NOTE",
-                    "NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE"
-                );
-                println!(
-                    "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  {}",
-                    "coordinator",
-                    s.coordinator.addr,
-                    "up",
-                    s.coordinator.applied_index,
-                    s.coordinator.prepared,
-                    "-",
-                    work_per_commit(&s.coordinator, "commits")
-                );
-                let mut all_up = true;
-                for (id, addr, st) in s.participants {
-                    match st {
-                        Ok(n) => {
-                            let mut note = Vec::new();
-                            if !s.members.contains(&id) {
-                                note.push("NOT IN VIEW (catching up to rejoin)".to_string());
-                                all_up = false;
-                            }
-                            if !n.ready {
-                                note.push("CATCHING UP".to_string());
-                            }
-                            for (t, age) in &n.in_doubt {
-                                note.push(format!("in doubt {t} for {age} ms"));
-                            }
-                            note.push(work_per_commit(&n, "applied"));
-                            println!(
-                                "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  {}",
-                                format!("participant {id}"),
-                                addr,
-                                "up",
-                                n.applied_index,
-                                n.prepared,
-                                n.lease_ms.map_or("none".to_string(), |ms| format!("{ms}ms")),
-                                note.join("; ")
-                            )
-                        }
-                        Err(e) => {
-                            all_up = false;
-                            println!(
-                                "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  {}{e}",
-                                format!("participant {id}"),
-                                addr,
-                                "down",
-                                "-",
-                                "-",
-                                "-",
-                                if s.members.contains(&id) { "" } else { "NOT IN VIEW; " }
-                            )
-                        }
-                    }
-                }
-                if all_up {
-                    0
-                } else {
-                    3
-                }
-            }
-            Err(e) => {
-                eprintln!("coordinator unreachable through any endpoint ({e}); asking each endpoint directly");
-                println!("{:<22} {:<12} {:<6} {:>8} {:>9}", "ADDRESS", "ROLE", "STATE", "APPLIED", "PREPARED");
-                for (addr, st) in client.node_statuses().await {
-                    match st {
-                        Ok(n) => println!(
-                            "{:<22} {:<12} {:<6} {:>8} {:>9}",
-                            addr,
-                            format!("participant {}", n.id),
-                            "up",
-                            n.applied_index,
-                            n.prepared
-                        ),
-                        Err(e) => println!("{:<22} {:<12} {:<6} {:>8} {:>9}  {e}", addr, "?", "down", "-", "-"),
-                    }
-                }
-                3
-            }
-        }
-    })
 }
 
 fn certs(action: CertsAction, endpoints: &[String]) -> i32 {
@@ -410,6 +321,7 @@ fn main() {
         _ => {}
     }
     let cli = Cli::parse();
+    let json = cli.json || cli.output == Output::Json;
     let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let security = || credentials::client_security(cli.certs.as_deref(), cli.insecure, &cli.endpoints);
     let client = || security().map(|s| Client::new(cli.endpoints.clone(), s));
@@ -429,7 +341,7 @@ fn main() {
                 eprintln!("error: {e}");
                 2
             }
-            Ok(security) => run_command(Some(cmd), &cli.endpoints, security, runtime),
+            Ok(security) => run_command(Some(cmd), &cli.endpoints, security, json, runtime),
         },
         None => match client() {
             Err(e) => {
@@ -446,13 +358,16 @@ fn run_command(
     cmd: Option<Command>,
     endpoints: &[String],
     security: Security,
+    json: bool,
     runtime: impl Fn() -> tokio::runtime::Runtime,
 ) -> i32 {
     let client = || Client::new(endpoints.to_vec(), security.clone());
     match cmd {
-        Some(Command::Run(args)) => runtime().block_on(batch::run(client(), args)),
+        Some(Command::Run(args)) => runtime().block_on(batch::run(client(), batch::RunArgs { json, ..args })),
         Some(Command::Health { addr, coordinator }) => runtime().block_on(health(&addr, coordinator, &security)),
-        Some(Command::Bench(args)) => runtime().block_on(bench::run(endpoints.to_vec(), security.clone(), args)),
+        Some(Command::Bench(args)) => {
+            runtime().block_on(bench::run(endpoints.to_vec(), security.clone(), bench::BenchArgs { json, ..args }))
+        }
         Some(Command::Repl) | None => repl::run(client(), &runtime()),
         Some(cmd) => {
             let rt = runtime();
@@ -461,6 +376,19 @@ fn run_command(
                 Command::Get { key, stale, verbose } => {
                     let mode = if stale { ReadMode::Stale } else { ReadMode::Linearizable };
                     match rt.block_on(client.get_with(key.as_bytes(), mode)) {
+                        Ok(found) if json => {
+                            let mut obj = json!({"key": key, "found": found.is_some(), "stale": stale});
+                            if let Some(v) = &found {
+                                batch::json_bytes(&mut obj, "value", &v.value);
+                                obj["version"] = json!(v.version);
+                            }
+                            println!("{obj}");
+                            if found.is_some() {
+                                0
+                            } else {
+                                4
+                            }
+                        }
                         Ok(Some(v)) => {
                             use std::io::Write as _;
                             let mut out = std::io::stdout().lock();
@@ -483,24 +411,29 @@ fn run_command(
                         from: from.map(String::into_bytes),
                         ..range_cmd(true, prefix.into_bytes(), None, &opts)
                     };
-                    list_range(&client, &rt, &r, opts.json)
+                    list_range(&client, &rt, &r, json)
                 }
                 Command::Range { start, end, opts } => {
                     let r = range_cmd(false, start.into_bytes(), end.map(String::into_bytes), &opts);
-                    list_range(&client, &rt, &r, opts.json)
+                    list_range(&client, &rt, &r, json)
                 }
                 Command::Put { key, value, file } => match put_value(value, file) {
-                    Ok(value) => report(rt.block_on(client.put(key.as_bytes(), &value))),
+                    Ok(value) => commit(&client, &rt, vec![], vec![Write::Put(key.into_bytes(), value)], json),
                     Err(e) => {
                         eprintln!("error: {e}");
                         2
                     }
                 },
-                Command::Del { key } => report(rt.block_on(client.delete(key.as_bytes()))),
+                Command::Del { key } => commit(&client, &rt, vec![], vec![Write::Delete(key.into_bytes())], json),
                 Command::Cas { key, expected, new } => {
-                    report(rt.block_on(client.cas(key.as_bytes(), Some(expected.as_bytes()), new.as_bytes())))
+                    let key = key.into_bytes();
+                    let condition = Condition::ValueEquals(key.clone(), expected.into_bytes());
+                    commit(&client, &rt, vec![condition], vec![Write::Put(key, new.into_bytes())], json)
                 }
-                Command::Status => print_status(&client, &rt),
+                Command::Status => {
+                    let mut out = std::io::stdout().lock();
+                    rt.block_on(status::report(&client, json, &mut out))
+                }
                 Command::Outcome { id } => match id.parse::<treaty_client::TxnId>() {
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -508,7 +441,16 @@ fn run_command(
                     }
                     Ok(id) => match rt.block_on(client.outcome(id)) {
                         Ok(o) => {
-                            println!("{o}");
+                            if json {
+                                let (word, index) = match o {
+                                    Outcome::Committed(i) => ("committed", Some(i)),
+                                    Outcome::Aborted => ("aborted", None),
+                                    Outcome::Pending => ("pending", None),
+                                };
+                                println!("{}", json!({"txn": id.to_string(), "outcome": word, "index": index}));
+                            } else {
+                                println!("{o}");
+                            }
                             if matches!(o, Outcome::Committed(_)) {
                                 0
                             } else {
@@ -524,8 +466,22 @@ fn run_command(
     }
 }
 
-fn report(r: treaty_client::Result<treaty_client::Committed>) -> i32 {
-    match r {
+/// `put`, `del`, `cas`: one transaction; prints where it committed (with
+/// its id under `-o json`, for `treaty outcome`).
+fn commit(
+    client: &Client,
+    rt: &tokio::runtime::Runtime,
+    conditions: Vec<Condition>,
+    writes: Vec<Write>,
+    json: bool,
+) -> i32 {
+    let txn = Txn::new(conditions, writes);
+    let id = txn.id;
+    match rt.block_on(client.commit(txn)) {
+        Ok(c) if json => {
+            println!("{}", json!({"status": "committed", "index": c.index, "txn": id.to_string()}));
+            0
+        }
         Ok(c) => {
             println!("OK (commit index {})", c.index);
             0
@@ -572,18 +528,4 @@ async fn health(addr: &str, coordinator: bool, security: &Security) -> i32 {
             1
         }
     }
-}
-
-/// "commits 120  syncs 9 (0.08/commit)  rpcs 31 (0.26/commit)": what one
-/// commit cost this node since it started (batching shows as ratios below 1).
-fn work_per_commit(n: &NodeStatus, commits: &str) -> String {
-    let per = |x: u64| if n.commits == 0 { "-".to_string() } else { format!("{:.2}", x as f64 / n.commits as f64) };
-    format!(
-        "{commits} {}  syncs {} ({}/commit)  rpcs {} ({}/commit)",
-        n.commits,
-        n.syncs,
-        per(n.syncs),
-        n.rpcs,
-        per(n.rpcs)
-    )
 }

@@ -77,7 +77,7 @@ impl Completer for ShellHelper {
         let first = before.split_whitespace().next().map(str::to_lowercase);
         let options: Vec<String> = match (words_before, first.as_deref()) {
             (0, _) => COMMANDS.iter().map(|(n, _, _)| n.to_string()).collect(),
-            (1, Some("timing")) => vec!["on".into(), "off".into()],
+            (1, Some("timing" | "stale")) => vec!["on".into(), "off".into()],
             (1, Some("help")) => COMMANDS.iter().map(|(n, _, _)| n.to_string()).collect(),
             (2, Some("if")) => ["=", "version", "exists", "missing"].map(String::from).to_vec(),
             (1, Some("get" | "put" | "set" | "del" | "delete" | "cas" | "if" | "scan" | "range"))
@@ -166,12 +166,17 @@ struct Shell<'a> {
     style: Style,
     txn: Option<OpenTxn>,
     timing: bool,
+    /// `stale on`: reads are served from the replica's local state.
+    stale: bool,
     endpoint: String,
 }
 
 impl Shell<'_> {
     fn say_error(&self, e: &Error) {
-        println!("{}", self.style.err(&format!("error: {e}")));
+        // The library's hints name CLI commands (`treaty outcome ID`); here
+        // the same command is typed without the program name.
+        let said = e.to_string().replace("`treaty ", "`");
+        println!("{}", self.style.err(&format!("error: {said}")));
     }
 
     /// Notices a failover to another endpoint and says so.
@@ -235,26 +240,23 @@ impl Shell<'_> {
                 let on = self.timing;
                 println!("timing {}", if on { "on" } else { "off" });
             }
-            Command::Status => match self.rt.block_on(self.client.cluster_status()) {
-                Ok(s) => {
-                    println!(
-                        "coordinator    {}  last commit index {}",
-                        s.coordinator.addr, s.coordinator.applied_index
-                    );
-                    for (id, addr, st) in s.participants {
-                        match st {
-                            Ok(n) => println!(
-                                "participant {id}  {addr}  {}  applied {}",
-                                self.style.ok(if n.ready { "up" } else { "catching up" }),
-                                n.applied_index
-                            ),
-                            Err(e) => println!("participant {id}  {addr}  {}  {e}", self.style.err("down")),
-                        }
-                    }
+            Command::Stale(on) => {
+                self.stale = on.unwrap_or(!self.stale);
+                if self.stale {
+                    println!("stale reads on: get, scan and range answer from the replica's local state, which may be behind");
+                } else {
+                    println!("stale reads off: reads are linearizable");
                 }
-                Err(e) => self.say_error(&e),
-            },
-            Command::Range(r) => self.range(&r),
+            }
+            Command::Status => {
+                let mut text = Vec::new();
+                self.rt.block_on(crate::status::report(&self.client, false, &mut text));
+                print!("{}", String::from_utf8_lossy(&text));
+            }
+            Command::Range(mut r) => {
+                r.stale |= self.stale;
+                self.range(&r)
+            }
             Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
                 Ok(o @ crate::Outcome::Committed(_)) => println!("{}", self.style.ok(&o.to_string())),
                 Ok(o) => println!("{o}"),
@@ -327,6 +329,7 @@ impl Shell<'_> {
                 None => println!("{}", self.style.err("error: `if` only works inside a transaction: type begin first")),
             },
             Command::Get(k, stale) => {
+                let stale = stale || self.stale;
                 if let Some(t) = &self.txn {
                     if let Some(v) = t.buffered(&k) {
                         match v {
@@ -402,10 +405,15 @@ pub fn run(client: Client, rt: &tokio::runtime::Runtime) -> i32 {
     }
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let endpoint = client.endpoint().to_string();
-    let mut shell = Shell { client, rt, style: Style { on: color }, txn: None, timing: false, endpoint };
+    let mut shell = Shell { client, rt, style: Style { on: color }, txn: None, timing: false, stale: false, endpoint };
     println!("Treaty shell: `help` lists commands, Tab completes, Ctrl-D leaves.");
     loop {
-        let prompt = format!("treaty {}{}> ", shell.endpoint, if shell.txn.is_some() { " txn" } else { "" });
+        let prompt = format!(
+            "treaty {}{}{}> ",
+            shell.endpoint,
+            if shell.stale { " stale" } else { "" },
+            if shell.txn.is_some() { " txn" } else { "" }
+        );
         let line = match rl.readline(&prompt) {
             Ok(l) => l,
             Err(ReadlineError::Interrupted) => {

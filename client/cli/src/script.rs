@@ -8,7 +8,8 @@
 //!            | 'scan' PREFIX flags | 'range' START END? flags
 //!            | 'if' KEY ('=' VALUE | 'version' N | 'exists' | 'missing')
 //!            | 'begin' | 'commit' | 'abort' | 'show'
-//!            | 'status' | 'outcome' TXN_ID | 'timing' ('on'|'off') | 'help' WORD? | 'exit' | 'quit'
+//!            | 'status' | 'outcome' TXN_ID | ('timing' | 'stale') ('on'|'off')? | 'help' WORD?
+//!            | 'exit' | 'quit'
 //! KEY/VALUE := bare | quoted | hex
 //! bare      := any characters but whitespace, '"' and '#'
 //! quoted    := '"' (char | '\n' | '\t' | '\r' | '\0' | '\\' | '\"' | '\xNN')* '"'
@@ -44,6 +45,9 @@ pub enum Command {
     Outcome(TxnId),
     /// `timing on|off`; `None` (`timing` alone, psql's `\timing`) toggles.
     Timing(Option<bool>),
+    /// `stale on|off` (shell only): reads default to `--stale` while on;
+    /// `None` (`stale` alone) toggles.
+    Stale(Option<bool>),
     Help(Option<String>),
     Exit,
 }
@@ -65,6 +69,7 @@ impl Command {
             Command::Status => "status",
             Command::Outcome(_) => "outcome",
             Command::Timing(_) => "timing",
+            Command::Stale(_) => "stale",
             Command::Help(_) => "help",
             Command::Exit => "exit",
         }
@@ -293,6 +298,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("status", "status", "status"),
     ("outcome", "outcome TXN_ID", "outcome 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
     ("timing", "timing [on|off]   (alone, or \\timing: toggles)", "timing on"),
+    ("stale", "stale [on|off]   (while on, get/scan/range read --stale; alone: toggles)", "stale on"),
     ("help", "help [COMMAND]   (or \\?)", "help if"),
     ("exit", "exit   (or quit, \\q, Ctrl-D)", "exit"),
 ];
@@ -486,13 +492,18 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
             let id = String::from_utf8_lossy(&args[0].bytes);
             Command::Outcome(id.parse().map_err(|e: String| ParseError { column: args[0].column, message: e })?)
         }
-        "timing" if args.is_empty() => Command::Timing(None),
-        "timing" => {
-            arity(1)?;
-            match args[0].bytes.as_slice() {
-                b"on" => Command::Timing(Some(true)),
-                b"off" => Command::Timing(Some(false)),
-                _ => return err(args[0].column, "usage: timing on|off"),
+        "timing" | "stale" => {
+            let on = match args {
+                [] => None,
+                [t] if t.bytes == b"on" => Some(true),
+                [t] if t.bytes == b"off" => Some(false),
+                [t] => return err(t.column, format!("usage: {name} [on|off]")),
+                [_, extra, ..] => return err(extra.column, format!("usage: {name} [on|off]")),
+            };
+            if name == "timing" {
+                Command::Timing(on)
+            } else {
+                Command::Stale(on)
             }
         }
         "help" => {
@@ -504,7 +515,7 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
         _ => {
             return err(
                 first.column,
-                format!("unknown command `{name}`; commands: get scan range put del cas if begin commit abort show status outcome timing help exit"),
+                format!("unknown command `{name}`; commands: get scan range put del cas if begin commit abort show status outcome timing stale help exit"),
             )
         }
     };
@@ -613,6 +624,9 @@ mod tests {
         assert_eq!(p("\\timing"), Command::Timing(None));
         assert_eq!(p("\\timing off"), Command::Timing(Some(false)));
         assert!(e("\\timing a b").message.contains("usage: timing [on|off]"));
+        assert_eq!(p("stale on"), Command::Stale(Some(true)));
+        assert_eq!(p("STALE"), Command::Stale(None));
+        assert!(e("stale maybe").message.contains("usage: stale [on|off]"));
         assert_eq!(parse_line("   # only a comment").unwrap(), None);
         assert_eq!(parse_line("").unwrap(), None);
     }

@@ -1,0 +1,176 @@
+//! `status`: every node of the cluster as the coordinator sees it, one row
+//! per node with one applied index each; or, when no endpoint can reach
+//! the coordinator, what each endpoint says about itself (the fallback).
+//! Shared by `treaty status` and the shell's `status`, as a table or as
+//! one JSON object.
+//!
+//! Exit status: 0 every participant up and in the view, 3 otherwise.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+use treaty_client::Client;
+use treaty_common::rpc::{ClusterStatus, NodeStatus};
+
+/// Writes the status to `out`; returns the exit status.
+pub async fn report(client: &Client, json_mode: bool, out: &mut impl Write) -> i32 {
+    match client.cluster_status().await {
+        Ok(s) => {
+            let code =
+                if s.participants.iter().all(|(id, _, st)| st.is_ok() && s.members.contains(id)) { 0 } else { 3 };
+            let _ = if json_mode { writeln!(out, "{}", cluster_json(&s)) } else { cluster_table(&s, out) };
+            code
+        }
+        Err(e) => {
+            let why = format!("the coordinator is unreachable through every endpoint ({e})");
+            let nodes = client.node_statuses().await;
+            let _ = if json_mode {
+                let nodes: Vec<Value> = nodes
+                    .iter()
+                    .map(|(addr, st)| match st {
+                        Ok(n) => node_json(n, addr, true, n.member),
+                        Err(e) => json!({"addr": addr, "state": "down", "error": e.to_string()}),
+                    })
+                    .collect();
+                writeln!(out, "{}", json!({"coordinator": null, "error": why, "endpoints": nodes}))
+            } else {
+                endpoints_table(&why, &nodes, out)
+            };
+            3
+        }
+    }
+}
+
+/// "since start: 120 commits, 0.08 syncs and 0.26 RPCs per commit": what
+/// one commit cost this node since it started (batching shows as ratios
+/// below 1).
+fn work(n: &NodeStatus) -> String {
+    if n.commits == 0 {
+        return format!("since start: no commits, {} syncs, {} RPCs", n.syncs, n.rpcs);
+    }
+    let per = |x: u64| x as f64 / n.commits as f64;
+    format!("since start: {} commits, {:.2} syncs and {:.2} RPCs per commit", n.commits, per(n.syncs), per(n.rpcs))
+}
+
+fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()> {
+    let c = &s.coordinator;
+    writeln!(
+        out,
+        "cluster {}  last commit index {}  view epoch {}  members {:?} (minimum {}){}",
+        c.cluster.map(|c| c.to_string()).unwrap_or_default(),
+        c.applied_index,
+        c.epoch,
+        s.members,
+        s.min_replicas,
+        if c.ready { "" } else { "  WRITES REFUSED: too few members" }
+    )?;
+    if let Some(why) = &c.fenced {
+        writeln!(out, "COORDINATOR: {why}")?;
+    }
+    let row = |out: &mut dyn Write, cols: [&str; 6], note: &str| {
+        writeln!(
+            out,
+            "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  {note}",
+            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+        )
+    };
+    row(out, ["NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE"], "NOTE")?;
+    row(out, ["coordinator", &c.addr, "up", &c.applied_index.to_string(), &c.prepared.to_string(), "-"], &work(c))?;
+    for (id, addr, st) in &s.participants {
+        let name = format!("participant {id}");
+        let in_view = s.members.contains(id);
+        match st {
+            Ok(n) => {
+                let mut note = Vec::new();
+                if !in_view {
+                    note.push("NOT IN VIEW (catching up to rejoin)".to_string());
+                }
+                if !n.ready {
+                    note.push("CATCHING UP".to_string());
+                }
+                for (t, age) in &n.in_doubt {
+                    note.push(format!("in doubt {t} for {age} ms"));
+                }
+                note.push(work(n));
+                let lease = n.lease_ms.map_or("none".to_string(), |ms| format!("{ms}ms"));
+                let cols = [name.as_str(), addr, "up", &n.applied_index.to_string(), &n.prepared.to_string(), &lease];
+                row(out, cols, &note.join("; "))?;
+            }
+            Err(e) => {
+                let note = format!("{}{e}", if in_view { "" } else { "NOT IN VIEW; " });
+                row(out, [&name, addr, "down", "-", "-", "-"], &note)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn endpoints_table(
+    why: &str,
+    nodes: &[(String, treaty_client::Result<NodeStatus>)],
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    writeln!(out, "{why}; what each endpoint says about itself:")?;
+    writeln!(out, "{:<22} {:<15} {:<12} {:>8} {:>9}  NOTE", "ADDRESS", "NODE", "STATE", "APPLIED", "PREPARED")?;
+    for (addr, st) in nodes {
+        match st {
+            Ok(n) => writeln!(
+                out,
+                "{:<22} {:<15} {:<12} {:>8} {:>9}  {}",
+                addr,
+                format!("participant {}", n.id),
+                if n.ready { "up" } else { "catching up" },
+                n.applied_index,
+                n.prepared,
+                work(n)
+            )?,
+            Err(e) => writeln!(out, "{:<22} {:<15} {:<12} {:>8} {:>9}  {e}", addr, "?", "down", "-", "-")?,
+        }
+    }
+    Ok(())
+}
+
+fn node_json(n: &NodeStatus, addr: &str, up: bool, in_view: bool) -> Value {
+    json!({
+        "id": n.id,
+        "role": n.role,
+        "addr": addr,
+        "state": if !up { "down" } else if n.ready { "up" } else { "catching up" },
+        "in_view": in_view,
+        "applied_index": n.applied_index,
+        "prepared": n.prepared,
+        "lease_ms": n.lease_ms,
+        "in_doubt": n.in_doubt.iter().map(|(t, age)| json!({"txn": t.to_string(), "age_ms": age})).collect::<Vec<_>>(),
+        "since_start": {"commits": n.commits, "syncs": n.syncs, "rpcs": n.rpcs},
+    })
+}
+
+fn cluster_json(s: &ClusterStatus) -> Value {
+    let c = &s.coordinator;
+    let mut coordinator = node_json(c, &c.addr, true, true);
+    if let Some(fields) = coordinator.as_object_mut() {
+        fields.remove("in_view");
+        fields.remove("lease_ms");
+    }
+    coordinator["state"] = json!("up");
+    coordinator["fenced"] = json!(c.fenced);
+    coordinator["accepting_writes"] = json!(c.ready && c.fenced.is_none());
+    let participants: Vec<Value> = s
+        .participants
+        .iter()
+        .map(|(id, addr, st)| match st {
+            Ok(n) => node_json(n, addr, true, s.members.contains(id)),
+            Err(e) => json!({"id": id, "role": "participant", "addr": addr, "state": "down",
+                             "in_view": s.members.contains(id), "error": e}),
+        })
+        .collect();
+    json!({
+        "cluster": c.cluster.map(|c| c.to_string()),
+        "last_commit_index": c.applied_index,
+        "view_epoch": c.epoch,
+        "members": s.members,
+        "min_replicas": s.min_replicas,
+        "coordinator": coordinator,
+        "participants": participants,
+    })
+}
