@@ -237,3 +237,21 @@ async fn stale_mode_and_status_without_a_coordinator() {
     s.send_line("exit").unwrap();
     s.exp_eof().unwrap();
 }
+
+/// On a terminal, `treaty run` shows how far it is (percentage, ETA) while
+/// it works, then clears the bar for the summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_shows_progress_on_a_terminal() {
+    let c = Cluster::start(3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("load.treaty");
+    let body: String = (0..1500).map(|i| format!("put p/{i} {i}\n")).collect();
+    std::fs::write(&file, body).unwrap();
+    let mut cmd = c.cli();
+    cmd.args(["--endpoints", &c.participant_addrs().join(","), "run", "--pipeline", "4"]).arg(&file);
+    let mut s = spawn_command(cmd, Some(60_000)).expect("spawn treaty run");
+    s.exp_regex(r"\d+/1500 commands \(\d+%\)  \d+ committed, \d+ txn/s  ETA \d+s").unwrap();
+    s.exp_string("summary: 1500 committed, 0 aborted, 0 failed").unwrap();
+    s.exp_eof().unwrap();
+    assert_eq!(value(&c, b"p/1499").await.as_deref(), Some(&b"1499"[..]));
+}
