@@ -154,7 +154,7 @@ async fn listings_never_show_half_a_transaction_under_concurrent_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_listing_streams_in_bounded_memory() {
     let keys: usize = std::env::var("TREATY_LISTING_KEYS").map_or(100_000, |v| v.parse().expect("a number"));
-    assert!(keys % 1000 == 0 && keys < 10_000_000, "TREATY_LISTING_KEYS: a multiple of 1000 below 10 million");
+    assert!(keys.is_multiple_of(1000) && keys < 10_000_000, "TREATY_LISTING_KEYS: a multiple of 1000 below 10 million");
     let c = Cluster::start(3).await;
     let client = c.client();
     let value = vec![b'v'; 200];
