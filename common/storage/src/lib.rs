@@ -18,8 +18,20 @@
 //!   it is read as a fallback.
 //! * `data`: key -> 8-byte big-endian version ++ value bytes, and under the
 //!   empty key (which no client key can be) the applied index.
-//! * `wal`: 16-byte txn id -> bincode [`PreparedRecord`]: transactions prepared
-//!   here (YES voted or about to be) and not yet applied or aborted.
+//! * `wal`: 8-byte big-endian sequence number -> bincode [`WalEntry`]: the
+//!   PREPARED records of one PREPARE batch, written with one insert however
+//!   many transactions it carries, or the ids of transactions whose records
+//!   are dead (applied or aborted; one insert per outcome message or apply).
+//!   Replaying the entries in order gives the live records: a later record
+//!   of the same transaction (a retry) replaces an earlier one, a `Resolved`
+//!   entry ends it. Which entry holds each live record is kept in memory
+//!   ([`WalIndex`]). Once 64 entries have piled up they are compacted: the
+//!   live records (often none) move into one new entry and everything
+//!   before it is removed in one batch. sled recovers a prefix of its log,
+//!   so a crash can only lose the newest entries, never keep a later one
+//!   without an earlier one. Directories written before batching hold one
+//!   record per 16-byte txn id key; opening the store moves them into one
+//!   entry.
 //!
 //! Applying commits is two steps: one atomic sled batch with the data and
 //! the new applied index ([`ReplicaStore::apply_data`]), then the removal of
@@ -45,12 +57,12 @@
 //!   their log entry in one sled transaction and synced before anyone hears
 //!   of them; abort decisions ride along unsynced (presumed abort).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -232,6 +244,7 @@ pub struct ReplicaStore {
     meta: sled::Tree,
     data: sled::Tree,
     wal: sled::Tree,
+    wal_index: Arc<Mutex<WalIndex>>,
     /// Held for writing while a batch of commits is applied, for reading
     /// while a range page is read: a page never shows half of a batch
     /// (sled applies a batch atomically for single-key reads, but an
@@ -268,9 +281,12 @@ impl ReplicaStore {
                 meta.flush().db()?;
             }
         }
+        let wal = db.open_tree("wal").db()?;
+        let wal_index = Arc::new(Mutex::new(WalIndex::open(&wal)?));
         Ok(ReplicaStore {
             data: db.open_tree("data").db()?,
-            wal: db.open_tree("wal").db()?,
+            wal,
+            wal_index,
             meta,
             dir: dir.to_path_buf(),
             db,
@@ -374,33 +390,45 @@ impl ReplicaStore {
         Ok(page)
     }
 
-    /// Every prepared record in the WAL, for recovery.
+    /// Every live prepared record in the WAL (one per transaction, the
+    /// newest), for recovery.
     pub fn prepared(&self) -> Result<Vec<PreparedRecord>> {
-        self.wal.iter().values().map(|v| decode(&v.db()?, "WAL")).collect()
+        let index = self.wal_index.lock().unwrap_or_else(|e| e.into_inner());
+        index.live_records(&self.wal)
     }
 
-    /// Writes PREPARED records. Not durable until a sync.
-    ///
-    /// One insert each, not a sled `Batch`: records are independent (no
-    /// vote leaves before the sync that covers them all), and every sled
-    /// batch seals sled's write buffer, which costs a `pwrite` and a
-    /// `sync_file_range` of its own (see docs/decisions.md).
+    /// Writes the PREPARED records of one batch as one WAL entry (one sled
+    /// insert, not a sled `Batch`: every batch seals sled's write buffer,
+    /// which costs a `pwrite` and a `sync_file_range` of its own; see
+    /// docs/decisions.md). Not durable until a sync.
     pub fn log_prepared(&self, records: &[PreparedRecord]) -> Result<()> {
-        for rec in records {
-            self.wal.insert(rec.txn_id.0.to_be_bytes(), encode(rec)).db()?;
+        if records.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut index = self.wal_index.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = index.append(&self.wal, &WalEntry::Prepared(records.to_vec()))?;
+        for rec in records {
+            index.holder.insert(rec.txn_id, seq);
+        }
+        index.maybe_compact(&self.wal)
     }
 
-    /// Drops transactions' records (aborted, or applied), one removal each
-    /// (as in [`log_prepared`](Self::log_prepared)). Needs no sync: a record
-    /// that reappears after a crash is in doubt, and the coordinator's answer
-    /// drops it again.
+    /// Ends transactions' records (aborted, or applied) with one WAL entry.
+    /// Needs no sync: a record that reappears after a crash is in doubt,
+    /// and the coordinator's answer ends it again.
     pub fn forget_prepared(&self, txns: &[TxnId]) -> Result<()> {
-        for t in txns {
-            self.wal.remove(t.0.to_be_bytes()).db()?;
+        let mut index = self.wal_index.lock().unwrap_or_else(|e| e.into_inner());
+        let held: Vec<TxnId> = txns.iter().copied().filter(|t| index.holder.remove(t).is_some()).collect();
+        if held.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        index.append(&self.wal, &WalEntry::Resolved(held))?;
+        index.maybe_compact(&self.wal)
+    }
+
+    /// WAL entries on disk (for tests).
+    pub fn wal_entries(&self) -> usize {
+        self.wal.len()
     }
 
     /// Applies committed transactions: [`apply_data`](Self::apply_data),
@@ -438,6 +466,133 @@ impl ReplicaStore {
 
     pub fn flush(&self) -> Result<()> {
         self.db.flush().db()?;
+        Ok(())
+    }
+}
+
+/// One WAL entry (see the module docs).
+#[derive(Debug, Serialize, Deserialize)]
+enum WalEntry {
+    /// The records of one PREPARE batch.
+    Prepared(Vec<PreparedRecord>),
+    /// Transactions whose records are dead from here on.
+    Resolved(Vec<TxnId>),
+}
+
+/// Entries on disk that trigger a compaction.
+const WAL_COMPACT_AT: u64 = 64;
+
+/// Where each live PREPARED record is, and the WAL's extent (see the
+/// module docs).
+#[derive(Debug, Default)]
+struct WalIndex {
+    /// Entries on disk have sequence numbers `first..next`.
+    first: u64,
+    next: u64,
+    /// Live records: transaction -> the entry holding its newest record.
+    holder: HashMap<TxnId, u64>,
+}
+
+impl WalIndex {
+    /// Replays the WAL (moving records of the old layout, one per txn id
+    /// key, into one entry first).
+    fn open(wal: &sled::Tree) -> Result<WalIndex> {
+        let mut old_layout = Vec::new();
+        let mut old_keys = Vec::new();
+        let mut index = WalIndex { first: 1, next: 1, holder: HashMap::new() };
+        let mut first = None;
+        for entry in wal.iter() {
+            let (key, value) = entry.db()?;
+            match key.len() {
+                8 => {
+                    let seq = u64::from_be_bytes(key.as_ref().try_into().expect("8 bytes"));
+                    first.get_or_insert(seq);
+                    index.next = seq + 1;
+                    match decode(&value, "WAL")? {
+                        WalEntry::Prepared(records) => {
+                            for r in records {
+                                index.holder.insert(r.txn_id, seq);
+                            }
+                        }
+                        WalEntry::Resolved(txns) => {
+                            for t in txns {
+                                index.holder.remove(&t);
+                            }
+                        }
+                    }
+                }
+                16 => {
+                    old_layout.push(decode::<PreparedRecord>(&value, "WAL")?);
+                    old_keys.push(key);
+                }
+                n => return Err(Error::Storage(format!("corrupt WAL: a key of {n} bytes"))),
+            }
+        }
+        index.first = first.unwrap_or(index.next);
+        if !old_layout.is_empty() {
+            let seq = index.next;
+            let mut batch = sled::Batch::default();
+            batch.insert(&seq.to_be_bytes(), encode(&WalEntry::Prepared(old_layout.clone())));
+            for k in old_keys {
+                batch.remove(k);
+            }
+            wal.apply_batch(batch).db()?;
+            wal.flush().db()?;
+            for r in &old_layout {
+                index.holder.insert(r.txn_id, seq);
+            }
+            index.first = index.first.min(seq);
+            index.next = seq + 1;
+        }
+        Ok(index)
+    }
+
+    /// Writes `entry` as the next one; returns its sequence number.
+    fn append(&mut self, wal: &sled::Tree, entry: &WalEntry) -> Result<u64> {
+        let seq = self.next;
+        wal.insert(seq.to_be_bytes(), encode(entry)).db()?;
+        self.next += 1;
+        Ok(seq)
+    }
+
+    /// The live records, read from their entries.
+    fn live_records(&self, wal: &sled::Tree) -> Result<Vec<PreparedRecord>> {
+        let mut live = Vec::new();
+        let entries: BTreeSet<u64> = self.holder.values().copied().collect();
+        for seq in entries {
+            let value = wal.get(seq.to_be_bytes()).db()?.ok_or_else(|| {
+                Error::Storage(format!("corrupt WAL: entry {seq} holds a live record but is missing"))
+            })?;
+            let WalEntry::Prepared(records) = decode(&value, "WAL")? else {
+                return Err(Error::Storage(format!("corrupt WAL: entry {seq} holds no records")));
+            };
+            live.extend(records.into_iter().filter(|r| self.holder.get(&r.txn_id) == Some(&seq)));
+        }
+        Ok(live)
+    }
+
+    /// Once [`WAL_COMPACT_AT`] entries are on disk: the live records move
+    /// into one new entry (none if there are none), then every earlier entry
+    /// is removed in one batch. A crash in between leaves both copies, and
+    /// the replay takes the newer.
+    fn maybe_compact(&mut self, wal: &sled::Tree) -> Result<()> {
+        if self.next - self.first < WAL_COMPACT_AT {
+            return Ok(());
+        }
+        let live = self.live_records(wal)?;
+        if !live.is_empty() {
+            let seq = self.append(wal, &WalEntry::Prepared(live))?;
+            for seq_of in self.holder.values_mut() {
+                *seq_of = seq;
+            }
+        }
+        let keep_from = if self.holder.is_empty() { self.next } else { self.next - 1 };
+        let mut batch = sled::Batch::default();
+        for seq in self.first..keep_from {
+            batch.remove(&seq.to_be_bytes());
+        }
+        wal.apply_batch(batch).db()?;
+        self.first = keep_from;
         Ok(())
     }
 }
@@ -840,6 +995,109 @@ mod tests {
         s.apply(&[ApplyEntry { index: 3, txn_id: TxnId(7), writes: rec.writes }]).unwrap();
         assert!(s.prepared().unwrap().is_empty());
         assert_eq!(s.applied_index().unwrap(), 3);
+    }
+
+    fn rec(txn: u128, attempt: u64) -> PreparedRecord {
+        PreparedRecord { txn_id: TxnId(txn), attempt, writes: vec![Write::Put(b"k".to_vec(), vec![txn as u8])].into() }
+    }
+
+    fn sorted(mut v: Vec<PreparedRecord>) -> Vec<PreparedRecord> {
+        v.sort_by_key(|r| r.txn_id);
+        v
+    }
+
+    #[test]
+    fn a_prepare_batch_is_one_wal_entry_and_so_is_each_set_of_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        s.log_prepared(&[rec(1, 1), rec(2, 1), rec(3, 1)]).unwrap();
+        s.log_prepared(&[rec(4, 1)]).unwrap();
+        assert_eq!(s.wal_entries(), 2, "one entry per batch");
+        s.forget_prepared(&[TxnId(1), TxnId(3)]).unwrap();
+        assert_eq!(s.wal_entries(), 3, "one entry for both outcomes");
+        assert_eq!(sorted(s.prepared().unwrap()), vec![rec(2, 1), rec(4, 1)], "only live records");
+        s.forget_prepared(&[TxnId(99)]).unwrap();
+        assert_eq!(s.wal_entries(), 3, "nothing to end, nothing written");
+        // A retry's record replaces the earlier attempt's.
+        s.log_prepared(&[rec(4, 2), rec(5, 1)]).unwrap();
+        assert_eq!(sorted(s.prepared().unwrap()), vec![rec(2, 1), rec(4, 2), rec(5, 1)]);
+        s.forget_prepared(&[TxnId(2)]).unwrap();
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(sorted(s.prepared().unwrap()), vec![rec(4, 2), rec(5, 1)], "the same after a restart");
+        s.forget_prepared(&[TxnId(4), TxnId(5)]).unwrap();
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![], "ended records stay ended");
+        // Sequence numbers go on after a restart: a new entry replays last.
+        s.log_prepared(&[rec(1, 5)]).unwrap();
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![rec(1, 5)]);
+    }
+
+    #[test]
+    fn the_wal_is_compacted_and_keeps_live_records_across_compactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        s.log_prepared(&[rec(1000, 1), rec(1001, 1)]).unwrap();
+        for i in 0..500u128 {
+            s.log_prepared(&[rec(i, 1), rec(i + 5000, 1)]).unwrap();
+            s.forget_prepared(&[TxnId(i), TxnId(i + 5000)]).unwrap();
+            if i == 250 {
+                s.forget_prepared(&[TxnId(1001)]).unwrap();
+            }
+            assert!(s.wal_entries() as u64 <= WAL_COMPACT_AT + 1, "{} entries after {i} rounds", s.wal_entries());
+        }
+        assert_eq!(s.prepared().unwrap(), vec![rec(1000, 1)]);
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![rec(1000, 1)], "a live record survives compactions and a restart");
+        s.forget_prepared(&[TxnId(1000)]).unwrap();
+        let mut fewest = usize::MAX;
+        for i in 0..WAL_COMPACT_AT as u128 {
+            s.log_prepared(&[rec(i, 2)]).unwrap();
+            s.forget_prepared(&[TxnId(i)]).unwrap();
+            fewest = fewest.min(s.wal_entries());
+        }
+        assert_eq!(fewest, 0, "with nothing live, a compaction removes every entry");
+        assert_eq!(s.prepared().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_crash_inside_a_compaction_keeps_each_live_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        s.log_prepared(&[rec(1, 1), rec(2, 1)]).unwrap();
+        s.log_prepared(&[rec(3, 1)]).unwrap();
+        s.forget_prepared(&[TxnId(2)]).unwrap();
+        // The compaction's first step (the live records copied into a new
+        // entry) without its second (the removal of the older entries).
+        let live = s.prepared().unwrap();
+        s.wal_index.lock().unwrap().append(&s.wal, &WalEntry::Prepared(live)).unwrap();
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(sorted(s.prepared().unwrap()), vec![rec(1, 1), rec(3, 1)]);
+        s.forget_prepared(&[TxnId(1), TxnId(3)]).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_wal_of_the_layout_before_batching_is_moved_into_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        for r in [rec(1, 1), rec(2, 1)] {
+            s.wal.insert(r.txn_id.0.to_be_bytes(), encode(&r)).unwrap();
+        }
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(sorted(s.prepared().unwrap()), vec![rec(1, 1), rec(2, 1)]);
+        assert_eq!(s.wal_entries(), 1);
+        assert!(s.wal.iter().keys().all(|k| k.unwrap().len() == 8), "old keys removed");
+        s.forget_prepared(&[TxnId(1)]).unwrap();
+        drop(s);
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert_eq!(s.prepared().unwrap(), vec![rec(2, 1)]);
     }
 
     #[test]
