@@ -164,8 +164,10 @@ impl Node {
 
     /// PREPARE for a batch: checks that concern the whole batch first (who
     /// sent it, to whom, under which view), then each transaction in order;
-    /// every record to log is written in one sled batch and made durable by
-    /// one sync before any vote leaves.
+    /// every record to log is written as one WAL entry and made durable by
+    /// one sync before any vote leaves. The core is told when the records
+    /// are written (or, if this request is dropped, that they never will
+    /// be): see [`Logging`].
     async fn prepare(&self, req: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         let checked = {
             let mut standing = self.standing.lock().unwrap();
@@ -193,12 +195,18 @@ impl Node {
         let mut votes = Vec::with_capacity(req.items.len());
         let mut records = Vec::new();
         let mut sync_needed = false;
+        let mut logging = Logging { node: self, txns: Vec::new(), written: false };
         for item in &req.items {
             votes.push(self.prepare_one(&item.txn, item.attempt, give_up, &mut records, &mut sync_needed).await);
+            if records.len() > logging.txns.len() {
+                logging.txns.push(item.txn.id);
+            }
         }
         if !records.is_empty() {
             crash_point!("participant::before_prepare_log");
             self.store.log_prepared(&records).unwrap_or_else(|e| fatal_storage("logging PREPARED records", e));
+            logging.written = true;
+            logging.finish();
             crash_point!("participant::before_prepare_sync");
         }
         if sync_needed || !records.is_empty() {
@@ -752,6 +760,39 @@ impl ParticipantService for Server {
             status.coordinator.addr = self.node.coordinator.addr.clone();
         }
         Ok(status)
+    }
+}
+
+/// The records of one PREPARE batch handed out by the core and not yet
+/// reported written ([`ReplicaCore::logged`]). Reported once they are, or
+/// when the request is dropped before (tarpc drops a request whose caller
+/// gave up), so that an ABORT held back meanwhile is done either way.
+struct Logging<'a> {
+    node: &'a Node,
+    txns: Vec<TxnId>,
+    /// The records are in the WAL (those aborted meanwhile must be dropped).
+    written: bool,
+}
+
+impl Logging<'_> {
+    fn finish(&mut self) {
+        if self.txns.is_empty() {
+            return;
+        }
+        let txns = std::mem::take(&mut self.txns);
+        let ended = self.node.core.lock().unwrap().logged(&txns);
+        if !ended.is_empty() && self.written {
+            self.node.store.forget_prepared(&ended).unwrap_or_else(|e| fatal_storage("dropping PREPARED records", e));
+            debug!(count = ended.len(), "aborted while being logged");
+        }
+        // A PREPARE of the same transaction may be waiting for this.
+        self.node.bump();
+    }
+}
+
+impl Drop for Logging<'_> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

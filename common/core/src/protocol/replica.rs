@@ -10,7 +10,13 @@
 //!   every replica before it was decided, all replicas judge a condition
 //!   against the same state and vote the same way.
 //! * The I/O layer votes YES only after the [`PreparedRecord`] returned by
-//!   [`PrepareStep::Persist`] is durable ("persist before you speak").
+//!   [`PrepareStep::Persist`] is durable ("persist before you speak"), and
+//!   tells [`ReplicaCore::logged`] once it is written (or will never be).
+//!   Until then the record is *being logged*: an ABORT of it waits (its keys
+//!   stay locked), so no later record can lock a key that a dead record
+//!   written after it would claim too; and a second PREPARE of the same
+//!   transaction waits ([`PrepareStep::Blocked`] on itself), so its YES
+//!   cannot leave before the record it relies on is written.
 //! * Commits are applied strictly in commit-index order, with no gaps:
 //!   [`ReplicaCore::next_apply`] hands out the contiguous run after the last
 //!   applied index, and [`ReplicaCore::applied`] is told when the I/O layer has
@@ -53,7 +59,9 @@ pub struct PreparedRecord {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PrepareStep {
     /// A key is locked by this other prepared transaction: wait until it is
-    /// applied or aborted, then call [`ReplicaCore::prepare`] again.
+    /// applied or aborted, then call [`ReplicaCore::prepare`] again. Blocked
+    /// on the transaction itself: its record is still being written (see
+    /// [`ReplicaCore::logged`]); wait for that.
     Blocked(TxnId),
     /// A duplicate PREPARE: vote YES once the earlier record is durable.
     AlreadyPrepared,
@@ -100,6 +108,11 @@ struct Prepared {
     /// Loaded from the WAL at a restart whose applied index was this: only
     /// such a record can have outlived its own apply (see [`CommitStep::Retired`]).
     recovered_at: Option<u64>,
+    /// Handed out by [`PrepareStep::Persist`], not yet reported written by
+    /// [`ReplicaCore::logged`].
+    logging: bool,
+    /// An ABORT of this attempt arrived while `logging`; `logged` does it.
+    abort_pending: bool,
 }
 
 /// How many aborted attempts to remember, so that a PREPARE overtaken by its
@@ -143,7 +156,19 @@ impl ReplicaCore {
             let prev = self.locks.insert(k.clone(), txn_id);
             assert!(prev.is_none() || prev == Some(txn_id), "key locked twice: {prev:?} and {txn_id:?}");
         }
-        self.prepared.insert(txn_id, Prepared { attempt, writes, keys, decided: None, age: 0, recovered_at: None });
+        self.prepared.insert(
+            txn_id,
+            Prepared {
+                attempt,
+                writes,
+                keys,
+                decided: None,
+                age: 0,
+                recovered_at: None,
+                logging: false,
+                abort_pending: false,
+            },
+        );
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -158,6 +183,10 @@ impl ReplicaCore {
         mut read: impl FnMut(&[u8]) -> Result<Option<Versioned>, Error>,
     ) -> Result<PrepareStep, Error> {
         if let Some(p) = self.prepared.get_mut(&txn.id) {
+            if p.logging {
+                // Its record is not written yet: a YES now could leave first.
+                return Ok(PrepareStep::Blocked(txn.id));
+            }
             // A retry of the same transaction by a newer attempt adopts the
             // existing record; aborts for the older attempt no longer apply.
             p.attempt = attempt;
@@ -187,7 +216,26 @@ impl ReplicaCore {
         }
         let writes = Arc::new(txn.writes.clone());
         self.lock_and_insert(txn.id, attempt, writes.clone());
+        self.prepared.get_mut(&txn.id).expect("just inserted").logging = true;
         Ok(PrepareStep::Persist(PreparedRecord { txn_id: txn.id, attempt, writes }))
+    }
+
+    /// The records of these transactions (handed out by
+    /// [`PrepareStep::Persist`]) are written to the WAL, or never will be
+    /// (the PREPARE was dropped). Returns those aborted meanwhile: they are
+    /// aborted now, and their records, if written, must be dropped.
+    pub fn logged(&mut self, txns: &[TxnId]) -> Vec<TxnId> {
+        let mut ended = Vec::new();
+        for t in txns {
+            let Some(p) = self.prepared.get_mut(t).filter(|p| p.logging) else { continue };
+            p.logging = false;
+            if std::mem::take(&mut p.abort_pending) {
+                let p = self.prepared.remove(t).expect("checked above");
+                self.unlock(*t, &p.keys);
+                ended.push(*t);
+            }
+        }
+        ended
     }
 
     /// Handles a COMMIT (`writes` is `None`) or a log entry fetched during
@@ -292,6 +340,12 @@ impl ReplicaCore {
             return Err(Error::Invalid(format!(
                 "ABORT of {txn_id}, which was committed at index {index}: refused (a decision is final)"
             )));
+        }
+        if p.logging {
+            // Done by `logged`, after the record is written.
+            self.prepared.get_mut(&txn_id).expect("checked above").abort_pending = true;
+            self.remember_abort(txn_id, attempt);
+            return Ok(false);
         }
         let p = self.prepared.remove(&txn_id).expect("checked above");
         self.unlock(txn_id, &p.keys);

@@ -470,7 +470,9 @@ impl SimParticipant {
             let step = self.core.prepare(&item.txn, item.attempt, |k| Ok(data.get(k).cloned()));
             votes.push(match step {
                 Ok(PrepareStep::Persist(rec)) => {
-                    self.wal.insert(rec.txn_id, rec);
+                    let t = rec.txn_id;
+                    self.wal.insert(t, rec);
+                    assert_eq!(self.core.logged(&[t]), vec![], "written at once here: nothing aborted it");
                     Ok(Vote::Yes)
                 }
                 Ok(PrepareStep::AlreadyPrepared) => Ok(Vote::Yes),

@@ -20,6 +20,7 @@ impl Sim {
         let step = self.core.prepare(txn, attempt, |k| Ok(data.get(k).cloned())).unwrap();
         if let PrepareStep::Persist(rec) = &step {
             self.wal.insert(rec.txn_id, rec.clone());
+            assert_eq!(self.core.logged(&[rec.txn_id]), vec![], "nothing can abort it in between here");
         }
         step
     }
@@ -188,6 +189,47 @@ fn abort_releases_locks_and_a_late_prepare_of_that_attempt_votes_no() {
     assert_eq!(s.core.holder(b"a"), None);
     // A retry of the same transaction id is a new attempt and may prepare.
     assert!(matches!(s.prepare(&t2, 4), PrepareStep::Persist(_)));
+}
+
+#[test]
+fn an_abort_while_the_record_is_being_written_waits_for_the_write() {
+    let mut core = ReplicaCore::default();
+    let read = |_: &[u8]| Ok(None);
+    let t1 = txn(1, vec![], vec![put("a", "1")]);
+    let t2 = txn(2, vec![], vec![put("a", "2")]);
+    assert!(matches!(core.prepare(&t1, 1, read), Ok(PrepareStep::Persist(_))));
+    // The ABORT (the coordinator timed the batch out) comes before the
+    // participant has written the record: the keys stay locked...
+    assert_eq!(core.abort(TxnId(1), 1), Ok(false), "nothing written yet, nothing to drop");
+    assert_eq!(core.prepare(&t2, 1, read), Ok(PrepareStep::Blocked(TxnId(1))));
+    // ... so no later record can claim the key before the dead one is
+    // written; once it is, the abort is done and the record dropped.
+    assert_eq!(core.logged(&[TxnId(1)]), vec![TxnId(1)]);
+    assert!(matches!(core.prepare(&t2, 1, read), Ok(PrepareStep::Persist(_))));
+    assert_eq!(core.logged(&[TxnId(2)]), vec![]);
+    assert_eq!(core.prepared_count(), 1);
+    // A late PREPARE of the aborted attempt votes NO.
+    assert!(matches!(core.prepare(&t1, 1, read), Ok(PrepareStep::VoteNo(_))));
+}
+
+#[test]
+fn a_second_prepare_of_a_record_being_written_waits_for_it() {
+    let mut core = ReplicaCore::default();
+    let read = |_: &[u8]| Ok(None);
+    let t = txn(1, vec![], vec![put("a", "1")]);
+    assert!(matches!(core.prepare(&t, 1, read), Ok(PrepareStep::Persist(_))));
+    // A retry arriving in another batch must not vote YES on a record that
+    // is not written yet.
+    assert_eq!(core.prepare(&t, 2, read), Ok(PrepareStep::Blocked(TxnId(1))));
+    // An abort of the first attempt meanwhile, then the retry adopts the
+    // record once it is written: the abort no longer applies.
+    assert_eq!(core.abort(TxnId(1), 1), Ok(false));
+    assert_eq!(core.logged(&[TxnId(1)]), vec![TxnId(1)], "the first attempt's abort is done");
+    assert!(matches!(core.prepare(&t, 2, read), Ok(PrepareStep::Persist(_))), "prepared afresh");
+    assert_eq!(core.logged(&[TxnId(1)]), vec![]);
+    assert_eq!(core.prepare(&t, 3, read), Ok(PrepareStep::AlreadyPrepared));
+    assert_eq!(core.abort(TxnId(1), 2), Ok(false), "an older attempt's abort does not undo the adoption");
+    assert_eq!(core.prepared_count(), 1);
 }
 
 #[test]
