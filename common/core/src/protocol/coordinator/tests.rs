@@ -358,13 +358,24 @@ impl Rng {
 
 enum Msg {
     /// coordinator -> participant
-    /// `since`: when it first arrived (a blocked batch waits, then fails).
+    /// `work`: the participant's progress through it once it has started
+    /// (a blocked batch waits where it is, then fails).
     Prepare {
         inc: Incarnation,
         batch: u64,
         epoch: u64,
         items: Vec<PrepareItem>,
-        since: Option<u64>,
+        work: Option<Work>,
+    },
+    /// participant -> itself: the batch's records are written now (the
+    /// write takes a while, and outcomes may arrive meanwhile), then the
+    /// votes leave.
+    Logged {
+        inc: Incarnation,
+        batch: u64,
+        boot: u64,
+        records: Vec<crate::protocol::PreparedRecord>,
+        votes: Vec<Result<Vote, Error>>,
     },
     Decide {
         inc: Incarnation,
@@ -379,6 +390,17 @@ enum Msg {
     },
 }
 
+/// A PREPARE batch in progress on a participant, as the real one keeps it
+/// across its waits: the votes so far and the records handed out, not yet
+/// written.
+struct Work {
+    since: u64,
+    /// The participant process that started it ([`SimParticipant::boot`]).
+    boot: u64,
+    votes: Vec<Result<Vote, Error>>,
+    records: Vec<crate::protocol::PreparedRecord>,
+}
+
 /// One simulated participant: the real replica state machine over maps.
 struct SimParticipant {
     core: ReplicaCore,
@@ -391,6 +413,8 @@ struct SimParticipant {
     up: bool,
     /// Crash in the next apply, between its data write and the WAL removal.
     torn_apply: bool,
+    /// Counts the process's starts: work begun by an earlier one is gone.
+    boot: u64,
 }
 
 impl SimParticipant {
@@ -404,6 +428,7 @@ impl SimParticipant {
             epoch: 0,
             up: true,
             torn_apply: false,
+            boot: 0,
         }
     }
 
@@ -429,6 +454,7 @@ impl SimParticipant {
             // The data and applied index are written, the records not removed.
             self.core = ReplicaCore::recover(last, self.wal.values().cloned().collect());
             self.up = false;
+            self.boot += 1;
             return;
         }
         self.core.applied(last);
@@ -446,17 +472,22 @@ impl SimParticipant {
     fn crash(&mut self) {
         self.core = ReplicaCore::recover(self.core.applied_index(), self.wal.values().cloned().collect());
         self.up = false;
+        self.boot += 1;
     }
 
-    /// `Ok(None)`: an item is blocked behind a decided transaction not yet
-    /// applied here; the real participant waits for it (up to 2 s).
+    /// Goes on with a PREPARE batch from its next item. `Ok(false)`: an
+    /// item is blocked (behind a decided transaction not yet applied here,
+    /// or its own record still being written by another batch); the real
+    /// participant waits (up to 2 s). `Ok(true)`: every item has its vote,
+    /// and the records handed out are to be written.
     fn prepare(
         &mut self,
         inc: Incarnation,
         epoch: u64,
         items: &[PrepareItem],
         may_wait: bool,
-    ) -> Result<Option<Vec<Result<Vote, Error>>>, Error> {
+        work: &mut Work,
+    ) -> Result<bool, Error> {
         if self.following != Some(inc) {
             return Err(Error::NotReady("not following that incarnation".into()));
         }
@@ -465,24 +496,33 @@ impl SimParticipant {
         }
         self.epoch = epoch;
         let data = &self.data;
-        let mut votes = Vec::new();
-        for item in items {
+        for item in &items[work.votes.len()..] {
             let step = self.core.prepare(&item.txn, item.attempt, |k| Ok(data.get(k).cloned()));
-            votes.push(match step {
+            work.votes.push(match step {
                 Ok(PrepareStep::Persist(rec)) => {
-                    let t = rec.txn_id;
-                    self.wal.insert(t, rec);
-                    assert_eq!(self.core.logged(&[t]), vec![], "written at once here: nothing aborted it");
+                    work.records.push(rec);
                     Ok(Vote::Yes)
                 }
                 Ok(PrepareStep::AlreadyPrepared) => Ok(Vote::Yes),
                 Ok(PrepareStep::VoteNo(reason)) => Ok(Vote::No(reason)),
-                Ok(PrepareStep::Blocked(_)) if may_wait => return Ok(None),
+                Ok(PrepareStep::Blocked(_)) if may_wait => return Ok(false),
                 Ok(PrepareStep::Blocked(_)) => Err(Error::Conflict("blocked for 2 s".into())),
                 Err(e) => Err(e),
             });
         }
-        Ok(Some(votes))
+        Ok(true)
+    }
+
+    /// The batch's records are written; those aborted meanwhile are
+    /// dropped again (`ReplicaCore::logged`).
+    fn logged(&mut self, records: Vec<crate::protocol::PreparedRecord>) {
+        let txns: Vec<TxnId> = records.iter().map(|r| r.txn_id).collect();
+        for r in records {
+            self.wal.insert(r.txn_id, r);
+        }
+        for t in self.core.logged(&txns) {
+            self.wal.remove(&t);
+        }
     }
 
     fn decide(&mut self, commits: &[(TxnId, u64)], aborts: &[(TxnId, u64)], log: &BTreeMap<u64, LogEntry>) {
@@ -589,7 +629,7 @@ impl Sim {
             match msg {
                 Msg::Prepare { inc, batch, .. } => self.net.push((at, 0, to, failed(inc, batch))),
                 Msg::Votes { inc, batch, .. } => self.net.push((at, 0, from, failed(inc, batch))),
-                Msg::Decide { .. } => {}
+                Msg::Decide { .. } | Msg::Logged { .. } => {}
             }
             return;
         }
@@ -601,7 +641,7 @@ impl Sim {
         for a in self.core.take_actions() {
             match a {
                 Action::Prepare { to, batch, epoch, items, .. } => {
-                    self.send(to, 0, Msg::Prepare { inc: self.inc, batch, epoch, items, since: None })
+                    self.send(to, 0, Msg::Prepare { inc: self.inc, batch, epoch, items, work: None })
                 }
                 Action::Decide { to, commits, aborts } => {
                     for (_, i) in &commits {
@@ -684,24 +724,46 @@ impl Sim {
 
     fn deliver(&mut self, to: u64, from: u64, msg: Msg) {
         match msg {
-            Msg::Prepare { inc, batch, epoch, items, since } => {
+            Msg::Prepare { inc, batch, epoch, items, work } => {
                 let p = &mut self.parts[to as usize - 1];
-                if !p.up {
+                let lost = work.as_ref().is_some_and(|w| w.boot != p.boot);
+                if !p.up || lost {
                     let failed = Err(Error::Unavailable(format!("participant {to} unreachable")));
                     self.net.push((self.now + 1, 0, to, Msg::Votes { inc, batch, votes: failed }));
                     return;
                 }
-                let since = since.unwrap_or(self.now);
-                match p.prepare(inc, epoch, &items, self.now < since + 2000) {
-                    Ok(None) => self.net.push((
+                let mut work =
+                    work.unwrap_or(Work { since: self.now, boot: p.boot, votes: Vec::new(), records: Vec::new() });
+                match p.prepare(inc, epoch, &items, self.now < work.since + 2000, &mut work) {
+                    Ok(false) => self.net.push((
                         self.now + 5,
                         to,
                         from,
-                        Msg::Prepare { inc, batch, epoch, items, since: Some(since) },
+                        Msg::Prepare { inc, batch, epoch, items, work: Some(work) },
                     )),
-                    Ok(Some(votes)) => self.send(0, to, Msg::Votes { inc, batch, votes: Ok(votes) }),
-                    Err(e) => self.send(0, to, Msg::Votes { inc, batch, votes: Err(e) }),
+                    Ok(true) => {
+                        // Writing the records takes a while (a slow disk, a
+                        // stalled process): outcomes and other batches may
+                        // come first.
+                        let at = self.now + if self.rng.chance(10) { self.rng.below(3000) } else { 0 };
+                        let (boot, records, votes) = (work.boot, work.records, work.votes);
+                        self.net.push((at, to, to, Msg::Logged { inc, batch, boot, records, votes }));
+                    }
+                    Err(e) => {
+                        // Records handed out before the error are still written.
+                        let records = std::mem::take(&mut work.records);
+                        p.logged(records);
+                        self.send(0, to, Msg::Votes { inc, batch, votes: Err(e) })
+                    }
                 }
+            }
+            Msg::Logged { inc, batch, boot, records, votes } => {
+                let p = &mut self.parts[to as usize - 1];
+                if !p.up || p.boot != boot {
+                    return; // the process that held them died: nothing was written, no answer
+                }
+                p.logged(records);
+                self.send(0, to, Msg::Votes { inc, batch, votes: Ok(votes) });
             }
             Msg::Decide { inc, commits, aborts } => {
                 let log = &self.durable.log;
@@ -984,12 +1046,17 @@ fn simulate(seed: u64) -> (usize, usize, u64, u32, u32) {
 }
 
 /// Thousands of seeded runs; a failure names its seed. Replay one with
-/// `TREATY_SIM_SEED=N cargo test -p treaty-core simulation`.
+/// `TREATY_SIM_SEED=N cargo test -p treaty-core simulation`; run
+/// `TREATY_SIM_RUNS` seeds (default 1000) from `TREATY_SIM_FROM` (default 1).
 #[test]
 fn simulation_of_a_cluster_under_faults() {
-    let seeds: Vec<u64> = match std::env::var("TREATY_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("TREATY_SIM_SEED is a number")],
-        Err(_) => (1..=std::env::var("TREATY_SIM_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(1000)).collect(),
+    let env = |name: &str| std::env::var(name).ok().map(|n| n.parse::<u64>().expect("a number"));
+    let seeds: Vec<u64> = match env("TREATY_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let from = env("TREATY_SIM_FROM").unwrap_or(1);
+            (from..from + env("TREATY_SIM_RUNS").unwrap_or(1000)).collect()
+        }
     };
     let (mut committed, mut restores, mut fenced) = (0, 0, 0);
     for seed in seeds {
