@@ -193,28 +193,26 @@ impl Node {
             }
         }
         let mut votes = Vec::with_capacity(req.items.len());
-        let mut records = Vec::new();
         let mut sync_needed = false;
-        let mut logging = Logging { node: self, txns: Vec::new(), written: false };
+        let mut logging = Logging { node: self, records: Vec::new(), written: false, reported: false };
         for item in &req.items {
-            votes.push(self.prepare_one(&item.txn, item.attempt, give_up, &mut records, &mut sync_needed).await);
-            if records.len() > logging.txns.len() {
-                logging.txns.push(item.txn.id);
-            }
+            let vote = self.prepare_one(&item.txn, item.attempt, give_up, &mut logging.records, &mut sync_needed).await;
+            votes.push(vote);
         }
-        if !records.is_empty() {
+        let count = logging.records.len();
+        if count > 0 {
             crash_point!("participant::before_prepare_log");
-            self.store.log_prepared(&records).unwrap_or_else(|e| fatal_storage("logging PREPARED records", e));
+            self.store.log_prepared(&logging.records).unwrap_or_else(|e| fatal_storage("logging PREPARED records", e));
             logging.written = true;
             logging.finish();
             crash_point!("participant::before_prepare_sync");
         }
-        if sync_needed || !records.is_empty() {
+        if sync_needed || count > 0 {
             self.sync.sync().await.unwrap_or_else(|e| fatal_storage("syncing the WAL", e));
         }
-        if !records.is_empty() {
+        if count > 0 {
             crash_point!("participant::after_prepare_sync");
-            debug!(count = records.len(), "prepared");
+            debug!(count, "prepared");
         }
         Ok(votes)
     }
@@ -769,17 +767,20 @@ impl ParticipantService for Server {
 /// gave up), so that an ABORT held back meanwhile is done either way.
 struct Logging<'a> {
     node: &'a Node,
-    txns: Vec<TxnId>,
+    records: Vec<PreparedRecord>,
     /// The records are in the WAL (those aborted meanwhile must be dropped).
     written: bool,
+    /// The core has been told.
+    reported: bool,
 }
 
 impl Logging<'_> {
     fn finish(&mut self) {
-        if self.txns.is_empty() {
+        if self.reported || self.records.is_empty() {
             return;
         }
-        let txns = std::mem::take(&mut self.txns);
+        self.reported = true;
+        let txns: Vec<TxnId> = self.records.iter().map(|r| r.txn_id).collect();
         let ended = self.node.core.lock().unwrap().logged(&txns);
         if !ended.is_empty() && self.written {
             self.node.store.forget_prepared(&ended).unwrap_or_else(|e| fatal_storage("dropping PREPARED records", e));

@@ -96,13 +96,7 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     let started = Instant::now();
-    // Latencies since the live line last looked, and requests finished.
-    let live = std::io::stderr().is_terminal().then(|| {
-        Arc::new((
-            Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
-            AtomicU64::new(0),
-        ))
-    });
+    let live = std::io::stderr().is_terminal().then(|| Arc::new(Live::default()));
     let ticker = live.clone().map(|live| tokio::spawn(live_line(live, args.ops, started)));
     let tasks: Vec<_> = (0..args.clients)
         .map(|c| {
@@ -147,9 +141,9 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
                     let micros = t0.elapsed().as_micros().max(1) as u64;
                     if let Some(live) = &live {
                         if result.is_ok() {
-                            let _ = live.0.lock().unwrap().record(micros);
+                            let _ = live.recent.lock().unwrap().record(micros);
                         }
-                        live.1.fetch_add(1, Ordering::Relaxed);
+                        live.done.fetch_add(1, Ordering::Relaxed);
                     }
                     match result {
                         Ok(()) => {
@@ -222,8 +216,25 @@ pub async fn run(endpoints: Vec<String>, security: Security, args: BenchArgs) ->
     }
 }
 
+/// What the live line shows, recorded by the clients.
+struct Live {
+    /// Latencies since the line last looked.
+    recent: Mutex<Histogram<u64>>,
+    /// Requests finished.
+    done: AtomicU64,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            recent: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")),
+            done: AtomicU64::new(0),
+        }
+    }
+}
+
 /// The live line, redrawn every half second until aborted; cleared on drop.
-async fn live_line(live: Arc<(Mutex<Histogram<u64>>, AtomicU64)>, ops: u64, started: Instant) {
+async fn live_line(live: Arc<Live>, ops: u64, started: Instant) {
     let bar = indicatif::ProgressBar::new(ops);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:24} {pos}/{len} requests  {msg}  ETA {eta}")
@@ -238,9 +249,9 @@ async fn live_line(live: Arc<(Mutex<Histogram<u64>>, AtomicU64)>, ops: u64, star
     let bar = Clear(bar);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let done = live.1.load(Ordering::Relaxed);
+        let done = live.done.load(Ordering::Relaxed);
         let p99 = {
-            let mut h = live.0.lock().unwrap();
+            let mut h = live.recent.lock().unwrap();
             let p99 = (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0);
             h.reset();
             p99

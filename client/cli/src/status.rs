@@ -28,7 +28,7 @@ pub async fn report(client: &Client, json_mode: bool, out: &mut impl Write) -> i
                 let nodes: Vec<Value> = nodes
                     .iter()
                     .map(|(addr, st)| match st {
-                        Ok(n) => node_json(n, addr, true, n.member),
+                        Ok(n) => node_json(n, addr, n.member),
                         Err(e) => json!({"addr": addr, "state": "down", "error": e.to_string()}),
                     })
                     .collect();
@@ -130,12 +130,12 @@ fn endpoints_table(
     Ok(())
 }
 
-fn node_json(n: &NodeStatus, addr: &str, up: bool, in_view: bool) -> Value {
+fn node_json(n: &NodeStatus, addr: &str, in_view: bool) -> Value {
     json!({
         "id": n.id,
         "role": n.role,
         "addr": addr,
-        "state": if !up { "down" } else if n.ready { "up" } else { "catching up" },
+        "state": if n.ready { "up" } else { "catching up" },
         "in_view": in_view,
         "applied_index": n.applied_index,
         "prepared": n.prepared,
@@ -147,7 +147,7 @@ fn node_json(n: &NodeStatus, addr: &str, up: bool, in_view: bool) -> Value {
 
 fn cluster_json(s: &ClusterStatus) -> Value {
     let c = &s.coordinator;
-    let mut coordinator = node_json(c, &c.addr, true, true);
+    let mut coordinator = node_json(c, &c.addr, true);
     if let Some(fields) = coordinator.as_object_mut() {
         fields.remove("in_view");
         fields.remove("lease_ms");
@@ -159,7 +159,7 @@ fn cluster_json(s: &ClusterStatus) -> Value {
         .participants
         .iter()
         .map(|(id, addr, st)| match st {
-            Ok(n) => node_json(n, addr, true, s.members.contains(id)),
+            Ok(n) => node_json(n, addr, s.members.contains(id)),
             Err(e) => json!({"id": id, "role": "participant", "addr": addr, "state": "down",
                              "in_view": s.members.contains(id), "error": e}),
         })
