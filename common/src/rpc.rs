@@ -21,12 +21,15 @@ pub use treaty_core::messages::*;
 pub trait ParticipantService {
     /// PREPARE a batch: one vote (or error) per item, in order.
     async fn prepare(batch: PrepareBatch) -> Result<Vec<Result<Vote>>>;
-    /// Outcomes: `commits` as (txn, commit index), `aborts` as (txn, attempt).
+    /// Outcomes: `commits` as (txn, commit index), `aborts` as (txn,
+    /// attempt), `skips` (commits touching none of this participant's
+    /// partitions, so it passes over their indexes) as (txn, commit index).
     async fn decide(
         cluster: ClusterId,
         coordinator: Incarnation,
         commits: Vec<(TxnId, u64)>,
         aborts: Vec<(TxnId, u64)>,
+        skips: Vec<(TxnId, u64)>,
     ) -> Result<()>;
     /// The coordinator's address as this participant knows it (clients
     /// submit there directly when they can reach it).

@@ -33,6 +33,7 @@ pub struct Args {
     /// Writes are refused when fewer participants than this are in the view.
     #[arg(long, env = "TREATY_MIN_REPLICAS", default_value_t = 3)]
     pub min_replicas: usize,
+
     #[command(flatten)]
     pub security: treaty_common::cli::SecurityArgs,
 }

@@ -57,7 +57,8 @@ use tracing::{error, info, warn};
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
 use treaty_common::protocol::{
-    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, View,
+    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, Placement, View,
+    DEFAULT_PARTITIONS,
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorService, Incarnation, LogEntry, NodeStatus, Outcome,
@@ -81,6 +82,9 @@ pub struct Config {
     pub prepare_pipeline: usize,
     /// Failure detection, leases and the minimum view size.
     pub membership: MembershipConfig,
+    /// How many participants hold each key; `None`: as recorded when the
+    /// cluster was created (a new cluster: every participant).
+    pub replication: Option<usize>,
     /// TLS identity (the coordinator's certificate), or insecure.
     pub security: Security,
     /// Most connections this node accepts at once.
@@ -98,6 +102,7 @@ impl Config {
             lock_timeout: Duration::from_secs(8),
             prepare_pipeline: 1,
             membership: MembershipConfig::default(),
+            replication: None,
             security,
             max_connections: net::DEFAULT_MAX_CONNECTIONS,
             frame_timeout: net::FRAME_TIMEOUT,
@@ -211,8 +216,12 @@ impl Coordinator {
                         warn!("the persister stopped; decisions are not being made durable");
                     }
                 }
-                Action::Decide { to, commits: c, aborts } if !c.is_empty() => commits.push((to, c, aborts)),
-                Action::Decide { to, commits: _, aborts } => self.send_decide(vec![(to, vec![], aborts)], false),
+                Action::Decide { to, commits: c, aborts, skips } if !c.is_empty() || !skips.is_empty() => {
+                    commits.push((to, c, aborts, skips))
+                }
+                Action::Decide { to, commits: _, aborts, skips: _ } => {
+                    self.send_decide(vec![(to, vec![], aborts, vec![])], false)
+                }
                 Action::PersistView(view) => {
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -246,14 +255,15 @@ impl Coordinator {
         tokio::spawn(async move {
             let cluster = me.cluster;
             let inc = me.incarnation;
-            let send = |(to, commits, aborts): Outcomes| {
+            let send = |(to, commits, aborts, skips): Outcomes| {
                 let peer = me.peers[to as usize - 1].clone();
                 async move {
                     let r = peer
                         .call(|c: ParticipantServiceClient| {
-                            let (commits, aborts) = (commits.clone(), aborts.clone());
+                            let (commits, aborts, skips) = (commits.clone(), aborts.clone(), skips.clone());
                             async move {
-                                c.decide(rpc::deadline(Duration::from_secs(2)), cluster, inc, commits, aborts).await
+                                c.decide(rpc::deadline(Duration::from_secs(2)), cluster, inc, commits, aborts, skips)
+                                    .await
                             }
                         })
                         .await;
@@ -365,6 +375,7 @@ impl Coordinator {
                 member: grant.member,
                 lease_ms: grant.lease_ms,
                 min_applied: grant.min_applied,
+                placement: core.placement().spec().clone(),
             })
         })
     }
@@ -595,7 +606,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         }
     };
     info!(epoch = view.epoch, members = ?view.members, "view restored");
-    let mut core_config = CoreConfig::new(n as usize, config.membership.min_replicas);
+    let (replication, partitions) = store.placement(config.replication, n as usize, DEFAULT_PARTITIONS)?;
+    let placement = Placement::new((1..=n).collect(), replication, partitions);
+    if !placement.is_full() {
+        info!(replication, partitions, "keys are partitioned");
+    }
+    let mut core_config = CoreConfig::partitioned(placement, config.membership.min_replicas);
     core_config.prepare_timeout_ms = config.prepare_timeout.as_millis() as u64;
     core_config.lock_timeout_ms = config.lock_timeout.as_millis() as u64;
     core_config.max_in_flight = config.prepare_pipeline;

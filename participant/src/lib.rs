@@ -43,7 +43,9 @@ use tracing::{debug, error, info, warn};
 
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
-use treaty_common::protocol::{CommitStep, ParticipantCore, PrepareStep, PreparedRecord, ReplicaCore};
+use treaty_common::protocol::{
+    CommitStep, ParticipantCore, Placement, PrepareStep, PreparedRecord, ReplicaCore, Writes,
+};
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
     Peer, PrepareBatch, SyncRequest, Vote,
@@ -169,12 +171,14 @@ impl Node {
     /// are written (or, if this request is dropped, that they never will
     /// be): see [`Logging`].
     async fn prepare(&self, req: PrepareBatch) -> Result<Vec<Result<Vote>>> {
-        let checked = {
+        let (checked, placement) = {
             let mut standing = self.standing.lock().unwrap();
-            standing
-                .check_prepare(req.cluster, req.to, req.coordinator, req.replica, req.epoch, |st| self.not_ready(st))
+            let checked = standing
+                .check_prepare(req.cluster, req.to, req.coordinator, req.replica, req.epoch, |st| self.not_ready(st));
+            (checked, standing.placement())
         };
         self.checked(checked)?;
+        let placement = placement.filter(|p| !p.is_full());
         let give_up = Instant::now() + self.lock_wait;
         // A readmitted replica first applies everything decided before it
         // rejoined: it never prepared those, so its locks cannot cover them.
@@ -196,7 +200,19 @@ impl Node {
         let mut sync_needed = false;
         let mut logging = Logging { node: self, records: Vec::new(), written: false, reported: false };
         for item in &req.items {
-            let vote = self.prepare_one(&item.txn, item.attempt, give_up, &mut logging.records, &mut sync_needed).await;
+            if let Err(e) = item.txn.validate() {
+                votes.push(Err(e));
+                continue;
+            }
+            let mine;
+            let txn = match placement.as_deref() {
+                Some(p) => {
+                    mine = self.my_part(p, &item.txn);
+                    &mine
+                }
+                None => &*item.txn,
+            };
+            let vote = self.prepare_one(txn, item.attempt, give_up, &mut logging.records, &mut sync_needed).await;
             votes.push(vote);
         }
         let count = logging.records.len();
@@ -217,6 +233,16 @@ impl Node {
         Ok(votes)
     }
 
+    /// The part of `txn` this participant judges and applies: conditions on
+    /// and writes to the keys it holds (the other replicas judge the rest).
+    fn my_part(&self, placement: &Placement, txn: &Txn) -> Txn {
+        Txn {
+            id: txn.id,
+            conditions: txn.conditions.iter().filter(|c| placement.holds(self.id, c.key())).cloned().collect(),
+            writes: txn.writes.iter().filter(|w| placement.holds(self.id, w.key())).cloned().collect(),
+        }
+    }
+
     /// One transaction of a PREPARE batch: its vote, with the record to log
     /// (or the need to sync an earlier one) added for the batch.
     async fn prepare_one(
@@ -227,7 +253,6 @@ impl Node {
         records: &mut Vec<PreparedRecord>,
         sync_needed: &mut bool,
     ) -> Result<Vote> {
-        txn.validate()?;
         loop {
             let mut changed = self.changed.subscribe();
             let step = {
@@ -258,15 +283,19 @@ impl Node {
     }
 
     /// Outcomes from the coordinator: commits queue for the applier (one
-    /// wake-up for all), aborts drop their records (one sled batch).
-    fn decide(&self, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)>) -> Result<()> {
+    /// wake-up for all), aborts drop their records (one sled batch). A
+    /// skipped commit applies as one without writes here.
+    fn decide(&self, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)>, skips: Vec<(TxnId, u64)>) -> Result<()> {
         let mut first_error = None;
         let mut queued = false;
         let mut forget = Vec::new();
         {
             let mut core = self.core.lock().unwrap();
-            for (txn_id, index) in commits {
-                match core.commit(txn_id, index, None) {
+            let nothing: Writes = Arc::new(Vec::new());
+            let all =
+                commits.into_iter().map(|c| (c, None)).chain(skips.into_iter().map(|c| (c, Some(nothing.clone()))));
+            for ((txn_id, index), writes) in all {
+                match core.commit(txn_id, index, writes) {
                     Ok(CommitStep::Queued) => queued = true,
                     Ok(CommitStep::AlreadyApplied) => {}
                     Ok(CommitStep::Retired) => forget.push(txn_id),
@@ -611,7 +640,10 @@ impl Node {
     /// Fetches and applies missed log entries, batch after batch, for up
     /// to about two seconds (the sync loop calls again if still behind).
     async fn fetch_missing(&self, applied: u64) -> Result<()> {
-        let cluster = self.standing.lock().unwrap().cluster().expect("joined before fetching");
+        let (cluster, placement) = {
+            let standing = self.standing.lock().unwrap();
+            (standing.cluster().expect("joined before fetching"), standing.placement())
+        };
         let started = Instant::now();
         let mut from = applied + 1;
         let mut fetched = 0u64;
@@ -628,7 +660,11 @@ impl Node {
             let mut retired = Vec::new();
             {
                 let mut core = self.core.lock().unwrap();
-                for e in entries {
+                for mut e in entries {
+                    // Only the writes to keys this participant holds.
+                    if let Some(p) = placement.as_deref().filter(|p| !p.is_full()) {
+                        e.writes.retain(|w| p.holds(self.id, w.key()));
+                    }
                     match core.commit(e.txn_id, e.index, Some(e.writes.into())) {
                         Ok(CommitStep::Retired) => retired.push(e.txn_id),
                         Ok(_) => {}
@@ -689,12 +725,13 @@ impl ParticipantService for Server {
         from: Incarnation,
         commits: Vec<(TxnId, u64)>,
         aborts: Vec<(TxnId, u64)>,
+        skips: Vec<(TxnId, u64)>,
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
         let checked = self.node.standing.lock().unwrap().check_decide(cluster, from);
         self.node.checked(checked)?;
-        self.node.decide(commits, aborts)
+        self.node.decide(commits, aborts, skips)
     }
 
     async fn coordinator_addr(self, _: Context) -> String {

@@ -120,9 +120,9 @@ async fn a_client_or_participant_certificate_cannot_act_as_another_node() {
         let e = p4.prepare(ctx(), req.clone()).await.unwrap().unwrap_err();
         assert!(matches!(&e, Error::Denied(m) if m.contains("PREPARE is only for the coordinator")), "{e}");
     }
-    let e = p4.decide(ctx(), req.cluster, me, vec![(id, 1000)], vec![]).await.unwrap().unwrap_err();
+    let e = p4.decide(ctx(), req.cluster, me, vec![(id, 1000)], vec![], vec![]).await.unwrap().unwrap_err();
     assert!(matches!(e, Error::Denied(_)), "{e}");
-    let e = p4.decide(ctx(), req.cluster, me, vec![], vec![(id, 1)]).await.unwrap().unwrap_err();
+    let e = p4.decide(ctx(), req.cluster, me, vec![], vec![(id, 1)], vec![]).await.unwrap().unwrap_err();
     assert!(matches!(e, Error::Denied(_)), "{e}");
 
     // The decision log (history, deleted values included) is for participants.
@@ -208,12 +208,12 @@ async fn hostile_messages_in_the_coordinators_name_never_crash_a_participant() {
     let t = txn("hostile", "1");
     let v = vote(p4.prepare(ctx(), prepare(4, me, st.replica, t.clone(), 7)).await.unwrap()).unwrap();
     assert_eq!(v, Vote::Yes);
-    p4.decide(ctx(), cluster, me, vec![(t.id, last + 1000)], vec![]).await.unwrap().unwrap();
-    let e = p4.decide(ctx(), cluster, me, vec![], vec![(t.id, 7)]).await.unwrap().unwrap_err();
+    p4.decide(ctx(), cluster, me, vec![(t.id, last + 1000)], vec![], vec![]).await.unwrap().unwrap();
+    let e = p4.decide(ctx(), cluster, me, vec![], vec![(t.id, 7)], vec![]).await.unwrap().unwrap_err();
     assert!(e.to_string().contains("committed at index"), "{e}");
-    let e = p4.decide(ctx(), cluster, me, vec![(t.id, last + 1)], vec![]).await.unwrap().unwrap_err();
+    let e = p4.decide(ctx(), cluster, me, vec![(t.id, last + 1)], vec![], vec![]).await.unwrap().unwrap_err();
     assert!(e.to_string().contains("already committed"), "{e}");
-    assert!(p4.decide(ctx(), cluster, me, vec![(t.id, 0)], vec![]).await.unwrap().is_err());
+    assert!(p4.decide(ctx(), cluster, me, vec![(t.id, 0)], vec![], vec![]).await.unwrap().is_err());
     // A burst of random messages.
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut next = || {
@@ -226,8 +226,8 @@ async fn hostile_messages_in_the_coordinators_name_never_crash_a_participant() {
         let id = treaty_client::TxnId(u128::from(next() % 8));
         let _ = match next() % 3 {
             // Far from the indexes the real cluster reaches during this test.
-            0 => p4.decide(ctx(), cluster, me, vec![(id, 1_000_000 + next() % 2000)], vec![]).await,
-            1 => p4.decide(ctx(), cluster, me, vec![], vec![(id, next() % 3)]).await,
+            0 => p4.decide(ctx(), cluster, me, vec![(id, 1_000_000 + next() % 2000)], vec![], vec![]).await,
+            1 => p4.decide(ctx(), cluster, me, vec![], vec![(id, next() % 3)], vec![]).await,
             _ => {
                 let mut t = txn(&format!("r{}", next() % 4), "v");
                 t.id = id;

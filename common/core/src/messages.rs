@@ -143,6 +143,8 @@ pub struct SyncReply {
     pub lease_ms: Option<u64>,
     /// Apply up to here before voting or serving linearizable reads.
     pub min_applied: u64,
+    /// Which participants hold which keys (fixed when the cluster was created).
+    pub placement: crate::protocol::PlacementSpec,
 }
 
 /// One node's own view of itself.

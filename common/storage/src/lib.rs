@@ -768,6 +768,34 @@ impl CoordinatorStore {
     }
 
     /// The stored view, if any.
+    /// The cluster's replication degree and partition count, fixed when it
+    /// was created: recorded on the first start (`requested`, default all
+    /// `n` participants, with `partitions` partitions), refused if a later
+    /// start asks for another degree. A cluster created before partitioning
+    /// existed holds full copies. Synced before it returns.
+    pub fn placement(&self, requested: Option<usize>, n: usize, partitions: u32) -> Result<(usize, u32)> {
+        let stored = (u64_at(&self.meta, "replication")?, u64_at(&self.meta, "partitions")?);
+        let (replication, partitions) = match stored {
+            (Some(r), Some(p)) => (r as usize, p as u32),
+            _ if self.last_index()? > 0 => (n, 1),
+            _ => {
+                let r = requested.unwrap_or(n);
+                self.meta.insert("replication", &(r as u64).to_be_bytes()).db()?;
+                self.meta.insert("partitions", &u64::from(partitions).to_be_bytes()).db()?;
+                self.durability()?.sync()?;
+                return Ok((r, partitions));
+            }
+        };
+        match requested {
+            Some(r) if r != replication => Err(Error::Identity(format!(
+                "this cluster was created with replication {replication} (each key on {replication} of {n} \
+                 participants) and it cannot change on a restart: start without --replication (TREATY_REPLICATION), \
+                 or with {replication}"
+            ))),
+            _ => Ok((replication, partitions)),
+        }
+    }
+
     pub fn view(&self) -> Result<Option<treaty_core::protocol::View>> {
         self.meta.get("view").db()?.map(|v| decode(&v, "view")).transpose()
     }
@@ -1160,5 +1188,27 @@ mod tests {
             r.unwrap();
         }
         assert!(g.count() >= 1 && g.count() <= 10, "{} syncs", g.count());
+    }
+
+    #[test]
+    fn the_replication_degree_is_fixed_when_the_cluster_is_created() {
+        let parts: Vec<String> = (1..=5).map(|i| format!("127.0.0.1:{i}")).collect();
+        // A new cluster records what it was asked for.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = CoordinatorStore::open(dir.path(), &parts).unwrap();
+            assert_eq!(s.placement(Some(3), 5, 256).unwrap(), (3, 256));
+        }
+        let (s, _) = reopen(|| CoordinatorStore::open(dir.path(), &parts)).unwrap();
+        assert_eq!(s.placement(None, 5, 64).unwrap(), (3, 256), "a restart keeps it");
+        assert_eq!(s.placement(Some(3), 5, 64).unwrap(), (3, 256));
+        let e = s.placement(Some(5), 5, 64).unwrap_err().to_string();
+        assert!(e.contains("created with replication 3") && e.contains("cannot change"), "{e}");
+        // A cluster with commits from before the degree was recorded holds full copies.
+        let old = tempfile::tempdir().unwrap();
+        let (s, _) = CoordinatorStore::open(old.path(), &parts).unwrap();
+        s.record_commits(&[LogEntry { index: 1, txn_id: TxnId(1), writes: vec![] }]).unwrap();
+        assert_eq!(s.placement(None, 5, 256).unwrap(), (5, 1));
+        assert!(s.placement(Some(3), 5, 256).is_err());
     }
 }

@@ -52,7 +52,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::messages::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
-use crate::protocol::{Grant, LockTable, Membership, View, ViewChange};
+use crate::protocol::{Grant, LockTable, Membership, Placement, View, ViewChange};
 use crate::types::{Committed, Txn, TxnId};
 
 /// Timing and size limits of the core (milliseconds and counts).
@@ -71,18 +71,36 @@ pub struct CoreConfig {
     pub max_batch: usize,
     /// Check-ins needed after a start before deciding anything.
     pub verify_quorum: usize,
+    /// Which participants hold which keys.
+    pub placement: Placement,
+    /// Fewest replicas of a partition in the view that still take writes
+    /// (`min(--min-replicas, replication)`).
+    pub min_partition_replicas: usize,
 }
 
 impl CoreConfig {
-    /// Defaults for a cluster of `n` participants needing `min_replicas`.
+    /// Defaults for a cluster of `n` participants (ids 1..=n), each holding
+    /// every key, needing `min_replicas`.
     pub fn new(n: usize, min_replicas: usize) -> Self {
+        Self::partitioned(Placement::full((1..=n as u64).collect()), min_replicas)
+    }
+
+    /// Defaults for a cluster placed by `placement`, needing
+    /// `min(min_replicas, replication)` replicas of a partition to write to it.
+    pub fn partitioned(placement: Placement, min_replicas: usize) -> Self {
+        let n = placement.spec().participants.len();
+        let min_partition_replicas = min_replicas.min(placement.replication()).max(1);
         CoreConfig {
             prepare_timeout_ms: 3000,
             lock_timeout_ms: 8000,
             retry_ms: 250,
             max_in_flight: 1,
             max_batch: 1024,
-            verify_quorum: (n + 1).saturating_sub(min_replicas).max(1),
+            // A commit was voted by at least `min_partition_replicas`
+            // participants: this many check-ins include one of them.
+            verify_quorum: (n + 1).saturating_sub(min_partition_replicas).max(1),
+            placement,
+            min_partition_replicas,
         }
     }
 }
@@ -91,8 +109,9 @@ impl CoreConfig {
 /// failed conditions with their reason.
 pub type Decisions = (Vec<LogEntry>, Vec<(TxnId, String)>);
 
-/// Outcomes for one participant: commits as (txn, index), aborts as (txn, attempt).
-pub type Outcomes = (u64, Vec<(TxnId, u64)>, Vec<(TxnId, u64)>);
+/// Outcomes for one participant: commits as (txn, index), aborts as (txn,
+/// attempt), skips (commits touching none of its keys) as (txn, index).
+pub type Outcomes = (u64, Vec<(TxnId, u64)>, Vec<(TxnId, u64)>, Vec<(TxnId, u64)>);
 
 /// What the I/O layer must do.
 #[derive(Debug)]
@@ -106,8 +125,9 @@ pub enum Action {
     /// [`CoordinatorCore::persisted`].
     Persist { commits: Vec<LogEntry>, aborts: Vec<(TxnId, String)> },
     /// Tell participant `to` these outcomes; fire and forget (a participant
-    /// that misses them asks on its next check-in).
-    Decide { to: u64, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)> },
+    /// that misses them asks on its next check-in). `skips` are commits that
+    /// touch none of `to`'s partitions: it passes over their indexes.
+    Decide { to: u64, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)>, skips: Vec<(TxnId, u64)> },
     /// Answer everyone waiting for transaction `txn`.
     Reply { txn: TxnId, result: Result<Committed, Error> },
     /// Make this view durable, then call [`CoordinatorCore::view_persisted`].
@@ -237,16 +257,17 @@ impl CoordinatorCore {
         let mut decide_at: BTreeMap<u64, usize> = BTreeMap::new();
         for a in self.actions.drain(..) {
             match a {
-                Action::Decide { to, commits, aborts } => match decide_at.get(&to) {
+                Action::Decide { to, commits, aborts, skips } => match decide_at.get(&to) {
                     Some(&i) => {
-                        if let Action::Decide { commits: c, aborts: ab, .. } = &mut out[i] {
+                        if let Action::Decide { commits: c, aborts: ab, skips: sk, .. } = &mut out[i] {
                             c.extend(commits);
                             ab.extend(aborts);
+                            sk.extend(skips);
                         }
                     }
                     None => {
                         decide_at.insert(to, out.len());
-                        out.push(Action::Decide { to, commits, aborts });
+                        out.push(Action::Decide { to, commits, aborts, skips });
                     }
                 },
                 other => out.push(other),
@@ -257,6 +278,10 @@ impl CoordinatorCore {
 
     pub fn incarnation(&self) -> Incarnation {
         self.incarnation
+    }
+
+    pub fn placement(&self) -> &Placement {
+        &self.config.placement
     }
 
     pub fn membership(&self) -> &Membership {
@@ -346,19 +371,55 @@ impl CoordinatorCore {
     }
 
     fn start_prepare(&mut self, id: TxnId, now: u64) {
-        if let Err(why) = self.membership.check_writable() {
-            self.finish(id, Err(Error::Unavailable(why)), now);
-            return;
-        }
+        let Some(entry) = self.txns.get(&id) else { return };
+        let members = match self.involved(&entry.txn) {
+            Ok(members) => members,
+            Err(why) => {
+                self.finish(id, Err(Error::Unavailable(why)), now);
+                return;
+            }
+        };
         let attempt = self.next_attempt;
         self.next_attempt += 1;
-        let members: BTreeSet<u64> = self.membership.view().members.clone();
         let Some(entry) = self.txns.get_mut(&id) else { return };
         for m in &members {
             self.outbox.entry(*m).or_default().push(PrepareItem { attempt, txn: entry.txn.clone() });
         }
         entry.state = State::Preparing { attempt, members, votes: BTreeMap::new() };
         self.flush(now);
+    }
+
+    /// The members of the view that must prepare `txn`: those holding a key
+    /// it reads or writes. Refused when a partition it touches has fewer
+    /// than `min_partition_replicas` replicas in the view (with full copies:
+    /// fewer than `--min-replicas` members).
+    fn involved(&self, txn: &Txn) -> Result<BTreeSet<u64>, String> {
+        let view = self.membership.view();
+        let placement = &self.config.placement;
+        if placement.is_full() {
+            self.membership.check_writable()?;
+            return Ok(view.members.clone());
+        }
+        let keys = txn.keys();
+        let mut members = BTreeSet::new();
+        for part in placement.partitions_for(keys.iter().map(|k| k.as_slice())) {
+            let replicas = placement.replicas(part);
+            let live: Vec<u64> = replicas.iter().copied().filter(|r| view.members.contains(r)).collect();
+            if live.len() < self.config.min_partition_replicas {
+                let list = |ids: &[u64]| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+                return Err(format!(
+                    "partition {part} (participants {}) has {} of its replicas in the view (epoch {}, minimum {}): \
+                     writes to its keys are refused until they return, other partitions keep working; \
+                     `treaty status` shows which are down",
+                    list(replicas),
+                    if live.is_empty() { "none".to_string() } else { format!("only {}", list(&live)) },
+                    view.epoch,
+                    self.config.min_partition_replicas
+                ));
+            }
+            members.extend(live);
+        }
+        Ok(members)
     }
 
     /// Sends what waits in the outboxes, as far as the in-flight limit allows.
@@ -443,7 +504,7 @@ impl CoordinatorCore {
         }
         // Not unanimous: this attempt is over on every member.
         for m in &members {
-            self.actions.push(Action::Decide { to: *m, commits: vec![], aborts: vec![(id, attempt)] });
+            self.actions.push(Action::Decide { to: *m, commits: vec![], aborts: vec![(id, attempt)], skips: vec![] });
         }
         let mut no_reason = None;
         let mut failures = Vec::new();
@@ -499,17 +560,26 @@ impl CoordinatorCore {
     /// participants, release the locks.
     pub fn persisted(&mut self, now: u64) {
         let done = std::mem::take(&mut self.persisting);
-        let mut decide: BTreeMap<u64, Vec<(TxnId, u64)>> = BTreeMap::new();
+        // Members not involved in a commit pass over its index (views do not
+        // change while anything is deciding, so this is the view it ran in).
+        let view: BTreeSet<u64> = self.membership.view().members.clone();
+        // Per member: (commits, skips), each as (txn, index).
+        type Told = (Vec<(TxnId, u64)>, Vec<(TxnId, u64)>);
+        let mut decide: BTreeMap<u64, Told> = BTreeMap::new();
         for p in &done {
             if let Decided::Commit { index, members } = &p.decision {
                 self.durable = self.durable.max(*index);
-                for m in members {
-                    decide.entry(*m).or_default().push((p.txn, *index));
+                for m in &view {
+                    let (commits, skips) = decide.entry(*m).or_default();
+                    if members.contains(m) { commits } else { skips }.push((p.txn, *index));
+                }
+                for m in members.difference(&view) {
+                    decide.entry(*m).or_default().0.push((p.txn, *index));
                 }
             }
         }
-        for (to, commits) in decide {
-            self.actions.push(Action::Decide { to, commits, aborts: vec![] });
+        for (to, (commits, skips)) in decide {
+            self.actions.push(Action::Decide { to, commits, aborts: vec![], skips });
         }
         for p in done {
             let result = match p.decision {

@@ -25,10 +25,12 @@ mod coordinator;
 mod locks;
 mod membership;
 mod participant;
+mod placement;
 mod replica;
 
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
 pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
 pub use participant::{ParticipantCore, Persist, JOIN_GAP};
+pub use placement::{Placement, PlacementSpec, DEFAULT_PARTITIONS};
 pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore, Writes};

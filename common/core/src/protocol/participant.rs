@@ -30,7 +30,10 @@
 //!   not a member, and nothing in doubt).
 
 use crate::error::Error;
+use std::sync::Arc;
+
 use crate::messages::{ClusterId, Incarnation, SyncReply};
+use crate::protocol::Placement;
 
 /// A non-member this close to the log's end counts as recovered (it still
 /// applies up to its join index before voting or serving reads).
@@ -65,6 +68,8 @@ pub struct ParticipantCore {
     /// Apply up to here before voting or serving linearizable reads.
     min_applied: u64,
     lease_until: Option<u64>,
+    /// Learnt from the first check-in answer.
+    placement: Option<Arc<Placement>>,
     last_contact: Option<u64>,
 }
 
@@ -91,6 +96,7 @@ impl ParticipantCore {
             member: false,
             min_applied: 0,
             lease_until: None,
+            placement: None,
             last_contact: None,
         }
     }
@@ -118,6 +124,11 @@ impl ParticipantCore {
     }
     pub fn min_applied(&self) -> u64 {
         self.min_applied
+    }
+
+    /// Which participants hold which keys, once a check-in was answered.
+    pub fn placement(&self) -> Option<Arc<Placement>> {
+        self.placement.clone()
     }
 
     /// Milliseconds left on the read lease at `now` (`None`: holds none).
@@ -287,6 +298,9 @@ impl ParticipantCore {
             self.member = reply.member;
         }
         self.min_applied = self.min_applied.max(reply.min_applied);
+        if self.placement.as_deref().map(Placement::spec) != Some(&reply.placement) {
+            self.placement = Some(Arc::new(reply.placement.clone().into()));
+        }
         if let Some(ms) = reply.lease_ms {
             let new = sent + ms * 9 / 10;
             self.lease_until = Some(self.lease_until.map_or(new, |old| old.max(new)));
@@ -326,6 +340,7 @@ mod tests {
             member,
             lease_ms,
             min_applied: 0,
+            placement: Placement::full(vec![1, 2, 3]).spec().clone(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! agreement and serializability.
 
 use super::*;
+use crate::protocol::Placement;
 use crate::protocol::{CommitStep, MembershipConfig, PrepareStep, ReplicaCore};
 use crate::types::{Condition, Write};
 use proptest::prelude::*;
@@ -643,7 +644,8 @@ impl Sim {
                 Action::Prepare { to, batch, epoch, items, .. } => {
                     self.send(to, 0, Msg::Prepare { inc: self.inc, batch, epoch, items, work: None })
                 }
-                Action::Decide { to, commits, aborts } => {
+                Action::Decide { to, commits, aborts, skips } => {
+                    assert!(skips.is_empty(), "with full copies nobody skips a commit");
                     for (_, i) in &commits {
                         assert!(self.durable.log.contains_key(i), "COMMIT {i} sent before it was durable");
                     }
@@ -1112,4 +1114,102 @@ fn simulation_cost() {
         }
         eprintln!("  during faults: {kinds:?}");
     }
+}
+
+/// A verified core over five members with each key on three of them.
+fn partitioned_core() -> CoordinatorCore {
+    let n = 5;
+    let mut view = View::initial(n);
+    view.replicas = (1..=n).map(|id| (id, r(id))).collect();
+    let membership = Membership::new(view, n, MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
+    let history = [(INC.generation, INC.nonce)].into();
+    let placement = Placement::new((1..=n).collect(), 3, 64);
+    let mut c = CoordinatorCore::new(CoreConfig::partitioned(placement, 3), INC, history, membership, 0);
+    heartbeat(&mut c, n, 0, &[]);
+    assert!(c.take_actions().is_empty());
+    c
+}
+
+#[test]
+fn a_partitioned_write_prepares_on_its_replicas_and_the_others_skip_its_index() {
+    let mut c = partitioned_core();
+    let holders: BTreeSet<u64> = c.placement().replicas_of(b"a").iter().copied().collect();
+    assert_eq!(holders.len(), 3);
+    c.submit(put(1, "a"), 10);
+    let a = c.take_actions();
+    let asked: BTreeSet<u64> = prepares(&a).iter().map(|p| p.0).collect();
+    assert_eq!(asked, holders, "PREPARE goes to the key's replicas only");
+    all_yes(&mut c, &a, 11);
+    let _persist = c.take_actions();
+    c.persisted(12);
+    let a = c.take_actions();
+    assert_eq!(replies(&a), vec![(TxnId(1), Ok(Committed { index: 1 }))]);
+    for to in 1..=5 {
+        let decide = a.iter().find_map(|x| match x {
+            Action::Decide { to: t, commits, skips, .. } if *t == to => Some((commits.clone(), skips.clone())),
+            _ => None,
+        });
+        let expected =
+            if holders.contains(&to) { (vec![(TxnId(1), 1)], vec![]) } else { (vec![], vec![(TxnId(1), 1)]) };
+        assert_eq!(decide, Some(expected), "participant {to}");
+    }
+}
+
+#[test]
+fn a_transaction_across_partitions_prepares_on_every_replica_it_touches() {
+    let mut c = partitioned_core();
+    let p = c.placement().clone();
+    // Two keys whose replica sets differ.
+    let (k1, k2) = (0..1000)
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| (w[0].clone(), w[1].clone()))
+        .find(|(a, b)| p.replicas_of(a.as_bytes()) != p.replicas_of(b.as_bytes()))
+        .expect("keys on different replica sets");
+    let t = Txn {
+        id: TxnId(1),
+        conditions: vec![Condition::Exists(k1.as_bytes().to_vec())],
+        writes: vec![Write::Put(k2.as_bytes().to_vec(), b"v".to_vec())],
+    };
+    c.submit(t, 0);
+    let asked: BTreeSet<u64> = prepares(&c.take_actions()).iter().map(|p| p.0).collect();
+    let expected: BTreeSet<u64> =
+        p.replicas_of(k1.as_bytes()).iter().chain(p.replicas_of(k2.as_bytes())).copied().collect();
+    assert_eq!(asked, expected, "the condition's replicas judge it, the write's replicas apply it");
+}
+
+#[test]
+fn a_partition_without_enough_replicas_refuses_writes_and_others_go_on() {
+    let mut c = partitioned_core();
+    let p = c.placement().clone();
+    let down = p.replicas_of(b"a")[0];
+    // Exclude one member: its partitions keep only two of their three replicas.
+    let mut now = 0;
+    while c.membership().view().members.contains(&down) {
+        now += 100;
+        heartbeat(&mut c, 5, now, &[down]);
+        c.tick(now);
+        for a in c.take_actions() {
+            if let Action::PersistView(_) = a {
+                c.view_persisted(now);
+            }
+        }
+        assert!(now < 10_000, "never excluded");
+    }
+    c.submit(put(1, "a"), now);
+    let a = c.take_actions();
+    assert!(prepares(&a).is_empty());
+    let [(_, Err(Error::Unavailable(why)))] = &replies(&a)[..] else { panic!("expected a refusal: {a:?}") };
+    assert!(why.starts_with(&format!("partition {} (participants ", p.partition(b"a"))), "{why}");
+    assert!(why.contains("other partitions keep working"), "{why}");
+    // A key none of whose replicas is the excluded member still commits.
+    let other = (0..1000).map(|i| format!("o{i}")).find(|k| !p.replicas_of(k.as_bytes()).contains(&down)).unwrap();
+    c.submit(put(2, &other), now);
+    let a = c.take_actions();
+    assert_eq!(prepares(&a).len(), 3);
+    all_yes(&mut c, &a, now);
+    let _persist = c.take_actions();
+    c.persisted(now);
+    assert_eq!(replies(&c.take_actions()), vec![(TxnId(2), Ok(Committed { index: 1 }))]);
 }

@@ -552,3 +552,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_skipped_index_applies_as_a_commit_without_writes_and_keeps_the_order() {
+    let mut s = Sim::default();
+    let t = Txn { id: TxnId(2), conditions: vec![], writes: vec![Write::Put(b"mine".to_vec(), b"v".to_vec())] };
+    assert!(matches!(s.prepare(&t, 1), PrepareStep::Persist(_)));
+    // Index 2 is this replica's; index 1 touched none of its keys.
+    assert_eq!(s.core.commit(TxnId(2), 2, None), Ok(CommitStep::Queued));
+    s.apply_ready();
+    assert_eq!(s.core.applied_index(), 0, "index 2 waits for index 1");
+    assert_eq!(s.core.commit(TxnId(1), 1, Some(Arc::new(vec![]))), Ok(CommitStep::Queued));
+    s.apply_ready();
+    assert_eq!(s.core.applied_index(), 2);
+    assert_eq!(s.data.keys().collect::<Vec<_>>(), vec![&b"mine".to_vec()]);
+    assert_eq!(s.core.holder(b"mine"), None, "the lock went with the apply");
+}
