@@ -15,7 +15,8 @@
 //!
 //! ## The write path
 //! A submitted transaction takes its key locks (FIFO per key, in key order,
-//! [`LockTable`]), then joins the *outbox* of every member of the view. Each
+//! [`LockTable`]), then joins the *outbox* of every member of the view that
+//! holds one of its keys (every member, with full copies; see [`Placement`]). Each
 //! participant has at most [`CoreConfig::max_in_flight`] PREPARE batches
 //! outstanding; whatever accumulates meanwhile leaves as the next batch, so
 //! under load one message (one WAL write, one sync on the participant)

@@ -7,8 +7,12 @@
 //! * Conditions are judged against *applied* state only. A PREPARE that
 //!   touches a locked key is [`PrepareStep::Blocked`] until the holder is
 //!   applied or aborted. Since every committed transaction was prepared on
-//!   every replica before it was decided, all replicas judge a condition
-//!   against the same state and vote the same way.
+//!   every replica of the keys it touches before it was decided, all
+//!   replicas of a key judge a condition on it against the same state and
+//!   vote the same way. (With partitioned keys the I/O layer hands this core
+//!   only the transaction's part on its own keys, and commits that touch
+//!   none of them arrive as commits without writes: the commit-index order
+//!   stays gapless on every replica.)
 //! * The I/O layer votes YES only after the [`PreparedRecord`] returned by
 //!   [`PrepareStep::Persist`] is durable ("persist before you speak"), and
 //!   tells [`ReplicaCore::logged`] once it is written (or will never be).
