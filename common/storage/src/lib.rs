@@ -866,6 +866,12 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
 
+    /// Drops a replica store and opens its directory again.
+    fn restarted(s: ReplicaStore, dir: &Path) -> ReplicaStore {
+        drop(s);
+        reopen(|| ReplicaStore::open(dir, 1)).unwrap()
+    }
+
     /// Opens again a store the test has just dropped: sled releases its
     /// file lock from a background thread a moment after the last handle
     /// goes, so a reopen at once can find the lock still held.
@@ -1050,17 +1056,14 @@ mod tests {
         s.log_prepared(&[rec(4, 2), rec(5, 1)]).unwrap();
         assert_eq!(sorted(s.prepared().unwrap()), vec![rec(2, 1), rec(4, 2), rec(5, 1)]);
         s.forget_prepared(&[TxnId(2)]).unwrap();
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(sorted(s.prepared().unwrap()), vec![rec(4, 2), rec(5, 1)], "the same after a restart");
         s.forget_prepared(&[TxnId(4), TxnId(5)]).unwrap();
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(s.prepared().unwrap(), vec![], "ended records stay ended");
         // Sequence numbers go on after a restart: a new entry replays last.
         s.log_prepared(&[rec(1, 5)]).unwrap();
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(s.prepared().unwrap(), vec![rec(1, 5)]);
     }
 
@@ -1078,8 +1081,7 @@ mod tests {
             assert!(s.wal_entries() as u64 <= WAL_COMPACT_AT + 1, "{} entries after {i} rounds", s.wal_entries());
         }
         assert_eq!(s.prepared().unwrap(), vec![rec(1000, 1)]);
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(s.prepared().unwrap(), vec![rec(1000, 1)], "a live record survives compactions and a restart");
         s.forget_prepared(&[TxnId(1000)]).unwrap();
         let mut fewest = usize::MAX;
@@ -1103,8 +1105,7 @@ mod tests {
         // entry) without its second (the removal of the older entries).
         let live = s.prepared().unwrap();
         s.wal_index.lock().unwrap().append(&s.wal, &WalEntry::Prepared(live)).unwrap();
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(sorted(s.prepared().unwrap()), vec![rec(1, 1), rec(3, 1)]);
         s.forget_prepared(&[TxnId(1), TxnId(3)]).unwrap();
         assert_eq!(s.prepared().unwrap(), vec![]);
@@ -1117,14 +1118,12 @@ mod tests {
         for r in [rec(1, 1), rec(2, 1)] {
             s.wal.insert(r.txn_id.0.to_be_bytes(), encode(&r)).unwrap();
         }
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(sorted(s.prepared().unwrap()), vec![rec(1, 1), rec(2, 1)]);
         assert_eq!(s.wal_entries(), 1);
         assert!(s.wal.iter().keys().all(|k| k.unwrap().len() == 8), "old keys removed");
         s.forget_prepared(&[TxnId(1)]).unwrap();
-        drop(s);
-        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        let s = restarted(s, dir.path());
         assert_eq!(s.prepared().unwrap(), vec![rec(2, 1)]);
     }
 

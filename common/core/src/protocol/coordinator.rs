@@ -574,9 +574,6 @@ impl CoordinatorCore {
                     let (commits, skips) = decide.entry(*m).or_default();
                     if members.contains(m) { commits } else { skips }.push((p.txn, *index));
                 }
-                for m in members.difference(&view) {
-                    decide.entry(*m).or_default().0.push((p.txn, *index));
-                }
             }
         }
         for (to, (commits, skips)) in decide {

@@ -153,14 +153,6 @@ impl Placement {
     pub fn partitions_for<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<u32> {
         keys.into_iter().map(|k| self.partition(k)).collect()
     }
-
-    /// The participants holding any of `keys`.
-    pub fn involved<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> BTreeSet<u64> {
-        if self.is_full() {
-            return self.spec.participants.iter().copied().collect();
-        }
-        keys.into_iter().flat_map(|k| self.replicas_of(k).iter().copied()).collect()
-    }
 }
 
 #[cfg(test)]
@@ -187,7 +179,6 @@ mod tests {
         let p = Placement::new(vec![3, 1, 2], 3, 16);
         assert!(p.is_full());
         assert_eq!(p.replicas_of(b"anything"), &[1, 2, 3]);
-        assert_eq!(p.involved([b"a".as_slice()]), [1, 2, 3].into());
         assert!(p.holds(2, b"x"));
     }
 
