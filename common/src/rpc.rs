@@ -39,6 +39,10 @@ pub trait ParticipantService {
     /// One page of a range read (see [`RangeRequest`]); linearizable unless
     /// `stale`, and one consistent state of the replica either way.
     async fn range(req: RangeRequest) -> Result<RangePage>;
+    /// A participant's part of a range page read across partitions: its
+    /// keys in the range that it serves for `cover`, as of commit `as_of`
+    /// (see `treaty_core::protocol::ranges`). Only from participants.
+    async fn range_part(req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart>;
     /// Submits a transaction; forwarded to the coordinator.
     async fn submit(txn: Txn) -> Result<Committed>;
     async fn node_status() -> NodeStatus;

@@ -31,8 +31,15 @@ pub struct Args {
     #[arg(long, env = "TREATY_PREPARE_PIPELINE", default_value_t = 1)]
     pub prepare_pipeline: usize,
     /// Writes are refused when fewer participants than this are in the view.
+    /// With --replication below the participant count: writes to a key are
+    /// refused when fewer than min(this, replication) of its replicas are.
     #[arg(long, env = "TREATY_MIN_REPLICAS", default_value_t = 3)]
     pub min_replicas: usize,
+    /// How many participants hold each key (default: all of them, full
+    /// copies). Fixed when the cluster is created: a restart may repeat it
+    /// or leave it out, not change it.
+    #[arg(long, env = "TREATY_REPLICATION")]
+    pub replication: Option<usize>,
 
     #[command(flatten)]
     pub security: treaty_common::cli::SecurityArgs,
@@ -68,6 +75,17 @@ pub async fn main_with(args: Args) -> i32 {
         );
         return 2;
     }
+    if let Some(r) = args.replication {
+        if r == 0 || r > config.participants.len() {
+            eprintln!(
+                "treaty-coordinator: --replication {r} is out of range: each key needs 1 to {} replicas (the number \
+                 of participants)",
+                config.participants.len()
+            );
+            return 2;
+        }
+    }
+    config.replication = args.replication;
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
         eprintln!("treaty-coordinator: {e:#}");
         return 1;

@@ -376,6 +376,7 @@ impl Coordinator {
                 lease_ms: grant.lease_ms,
                 min_applied: grant.min_applied,
                 placement: core.placement().spec().clone(),
+                participants: me.config.participants.clone(),
             })
         })
     }
@@ -439,6 +440,8 @@ impl Coordinator {
             member: true,
             lease_ms: None,
             in_doubt: Vec::new(),
+            keys: 0,
+            partitions: u64::from(p.core.placement().partitions()),
         }
     }
 
@@ -450,15 +453,17 @@ impl Coordinator {
             .await
         }))
         .await;
-        let (members, min_replicas) = {
+        let (members, min_replicas, placement) = {
             let p = self.protocol.lock().unwrap();
             let m = p.core.membership();
-            (m.view().members.iter().copied().collect(), m.config().min_replicas as u64)
+            let placement = p.core.placement().spec().clone();
+            (m.view().members.iter().copied().collect(), m.config().min_replicas as u64, placement)
         };
         ClusterStatus {
             coordinator: self.node_status(),
             members,
             min_replicas,
+            placement,
             participants: self
                 .peers
                 .iter()

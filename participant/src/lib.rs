@@ -43,12 +43,13 @@ use tracing::{debug, error, info, warn};
 
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
+use treaty_common::protocol::ranges::{self, RecentWrites};
 use treaty_common::protocol::{
     CommitStep, ParticipantCore, Placement, PrepareStep, PreparedRecord, ReplicaCore, Writes,
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
-    Peer, PrepareBatch, SyncRequest, Vote,
+    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SyncRequest, Vote,
 };
 use treaty_common::tls::{Expect, Security};
 use treaty_common::types::{escape, RangePage, RangeRequest};
@@ -97,6 +98,12 @@ const IN_DOUBT_TICKS: u64 = 5;
 const NEVER_JOINED_GIVE_UP: Duration = Duration::from_secs(15);
 /// Fetch missed log entries after being behind without progress this long.
 const STUCK_TICKS: u64 = 3;
+/// Keys of recent commits kept for range reads across partitions (see
+/// [`RecentWrites`]): enough for a few seconds of writes at full speed.
+const RECENT_WRITES: usize = 1 << 16;
+/// A range page across partitions is asked as of a newer index at most this
+/// many times before the read gives up (its keys keep changing).
+const RANGE_ROUNDS: usize = 8;
 
 struct Node {
     id: u64,
@@ -118,6 +125,12 @@ struct Node {
     check_in: Notify,
     sync: GroupSync,
     coordinator: Peer<CoordinatorServiceClient>,
+    /// The other participants, in id order, as the coordinator last named
+    /// them: reads of keys this replica does not hold go to their replicas.
+    peers: Mutex<Vec<Arc<Peer<ParticipantServiceClient>>>>,
+    security: Security,
+    /// Keys written by recent commits (kept while keys are partitioned).
+    recent: Mutex<RecentWrites>,
     applied_count: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
     rpcs: AtomicU64,
@@ -182,19 +195,11 @@ impl Node {
         let give_up = Instant::now() + self.lock_wait;
         // A readmitted replica first applies everything decided before it
         // rejoined: it never prepared those, so its locks cannot cover them.
-        while self.core.lock().unwrap().applied_index() < req.min_applied {
-            let mut changed = self.changed.subscribe();
-            self.catch_up.notify_one();
-            let wait = give_up.saturating_duration_since(Instant::now());
-            if self.core.lock().unwrap().applied_index() >= req.min_applied {
-                break;
-            }
-            if tokio::time::timeout(wait, changed.changed()).await.is_err() {
-                return Err(Error::NotReady(format!(
-                    "participant {} is still catching up to index {} after rejoining; retry",
-                    self.id, req.min_applied
-                )));
-            }
+        if !self.wait_applied(req.min_applied, give_up).await {
+            return Err(Error::NotReady(format!(
+                "participant {} is still catching up to index {} after rejoining; retry",
+                self.id, req.min_applied
+            )));
         }
         let mut votes = Vec::with_capacity(req.items.len());
         let mut sync_needed = false;
@@ -367,26 +372,217 @@ impl Node {
         Ok(())
     }
 
+    /// Waits until this replica has applied `index` (asking for a catch-up
+    /// if needed); `false` if it has not by `give_up`.
+    async fn wait_applied(&self, index: u64, give_up: Instant) -> bool {
+        loop {
+            let mut changed = self.changed.subscribe();
+            if self.core.lock().unwrap().applied_index() >= index {
+                return true;
+            }
+            self.catch_up.notify_one();
+            let wait = give_up.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(wait, changed.changed()).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// The placement, when keys are partitioned (`None`: full copies, or
+    /// not known yet).
+    fn partitioned(&self) -> Option<Arc<Placement>> {
+        self.standing.lock().unwrap().placement().filter(|p| !p.is_full())
+    }
+
+    /// The connection to participant `id`, once the coordinator named it.
+    fn peer(&self, id: u64) -> Option<Arc<Peer<ParticipantServiceClient>>> {
+        let index = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.peers.lock().unwrap().get(index).cloned()
+    }
+
+    /// Connects to the participants at `addrs` (in id order) unless it already does.
+    fn set_peers(&self, addrs: &[String]) {
+        let mut peers = self.peers.lock().unwrap();
+        if peers.iter().map(|p| &p.addr).eq(addrs.iter()) {
+            return;
+        }
+        *peers = (1u64..)
+            .zip(addrs)
+            .map(|(id, addr)| {
+                let peer = Peer::new(
+                    format!("participant {id} at {addr}"),
+                    addr.clone(),
+                    self.security.clone(),
+                    Expect::Participant(id),
+                );
+                Arc::new(peer.with_max_call(self.lock_wait + Duration::from_secs(3)))
+            })
+            .collect();
+    }
+
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
         treaty_common::types::check_key(&key)?;
+        if let Some(placement) = self.partitioned().filter(|p| !p.holds(self.id, &key)) {
+            return self.forward_get(&placement, key, stale).await;
+        }
         if !stale {
             self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
         }
         self.store.get(&key)
     }
 
-    /// One page of a range read; a linearizable one first waits until no
-    /// prepared transaction holds a key in the range, like a `get`.
+    /// A read of a key this replica does not hold: asked of the replicas
+    /// that do, one after another (starting at a different one from each
+    /// participant, to spread the load), each serving it as its own read
+    /// (under its own lease when linearizable).
+    async fn forward_get(&self, placement: &Placement, key: Key, stale: bool) -> Result<Option<Versioned>> {
+        let partition = placement.partition(&key);
+        let replicas = placement.replicas(partition);
+        let first = self.id as usize % replicas.len();
+        let mut last_error = None;
+        for i in 0..replicas.len() {
+            let id = replicas[(first + i) % replicas.len()];
+            let Some(peer) = self.peer(id) else { continue };
+            let timeout = self.lock_wait + Duration::from_secs(2);
+            let answer = peer
+                .call_raw(|c: ParticipantServiceClient| {
+                    let key = key.clone();
+                    async move { c.get(rpc::deadline(timeout), key, stale).await }
+                })
+                .await;
+            match answer {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e @ Error::NotReady(_))) | Err(e) => last_error = Some(e),
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "key {} is held by participants {} (partition {partition}), and none of them could serve the read \
+             ({}); retry shortly",
+            escape(&key),
+            list(replicas),
+            last_error.map_or("their addresses are not known yet".to_string(), |e| e.to_string())
+        )))
+    }
+
+    /// One page of a range read. With full copies it is read here; a
+    /// linearizable one first waits until no prepared transaction holds a
+    /// key in the range, like a `get`. With partitioned keys it is merged
+    /// from a cover of the participants (see [`Node::range_across`]).
     async fn range(&self, req: RangeRequest) -> Result<RangePage> {
         req.check()?;
-        if !req.stale {
-            let what = || match &req.end {
-                Some(end) => format!("range [{}, {})", escape(&req.start), escape(end)),
-                None => format!("range [{}, end)", escape(&req.start)),
-            };
-            self.wait_unheld(what, |core| core.holder_in(&req.start, req.end.as_deref())).await?;
+        if let Some(placement) = self.partitioned() {
+            return self.range_across(&placement, req).await;
         }
+        self.wait_range_unheld(&req).await?;
         self.store.range(&req)
+    }
+
+    /// A linearizable range read's wait (a stale one does not wait).
+    async fn wait_range_unheld(&self, req: &RangeRequest) -> Result<()> {
+        if req.stale {
+            return Ok(());
+        }
+        let what = || match &req.end {
+            Some(end) => format!("range [{}, {})", escape(&req.start), escape(end)),
+            None => format!("range [{}, end)", escape(&req.start)),
+        };
+        self.wait_unheld(what, |core| core.holder_in(&req.start, req.end.as_deref())).await
+    }
+
+    /// A range page across partitions (see `treaty_core::protocol::ranges`):
+    /// every part is asked as of one commit index, starting from this
+    /// replica's applied index, and again as of the highest index a part
+    /// saw while any part's keys changed after the one asked for. A part
+    /// that cannot answer (down, behind) is replaced by other replicas of
+    /// its partitions.
+    async fn range_across(&self, placement: &Placement, req: RangeRequest) -> Result<RangePage> {
+        let n = placement.spec().participants.len() as u64;
+        let mut as_of = self.core.lock().unwrap().applied_index();
+        let mut failed: Vec<u64> = Vec::new();
+        let mut last_error = None;
+        for _ in 0..RANGE_ROUNDS + n as usize {
+            // This replica first, then the others from the next id on.
+            let candidates: Vec<u64> =
+                (0..n).map(|i| (self.id - 1 + i) % n + 1).filter(|id| !failed.contains(id)).collect();
+            let cover = ranges::cover(placement, &candidates).map_err(|partition| {
+                Error::Unavailable(format!(
+                    "partition {partition} (participants {}) has no replica that can serve reads ({}); retry shortly",
+                    list(placement.replicas(partition)),
+                    last_error.as_ref().map_or("none answered".to_string(), Error::to_string)
+                ))
+            })?;
+            let parts = futures::future::join_all(cover.iter().map(|&id| self.part(id, &req, &cover, as_of))).await;
+            let mut pages = Vec::with_capacity(parts.len());
+            let mut newest = as_of;
+            for (&id, part) in cover.iter().zip(parts) {
+                match part {
+                    Ok(part) => {
+                        newest = newest.max(part.page.index);
+                        if part.unchanged {
+                            pages.push(part.page);
+                        }
+                    }
+                    Err(e @ (Error::NotReady(_) | Error::Unavailable(_))) => {
+                        failed.push(id);
+                        last_error = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if pages.len() == cover.len() {
+                return Ok(ranges::merge(pages, req.limit, as_of));
+            }
+            as_of = newest;
+        }
+        Err(Error::Conflict(format!(
+            "the keys of this range kept changing while it was read across partitions ({RANGE_ROUNDS} tries); \
+             retry, or read fewer keys per page (--limit)"
+        )))
+    }
+
+    /// Participant `id`'s part of a range page: this replica's own, or asked over the wire.
+    async fn part(&self, id: u64, req: &RangeRequest, cover: &[u64], as_of: u64) -> Result<RangePart> {
+        if id == self.id {
+            return self.range_part(req.clone(), cover.to_vec(), as_of).await;
+        }
+        let peer = self
+            .peer(id)
+            .ok_or_else(|| Error::Unavailable(format!("participant {id}'s address is not known yet")))?;
+        let timeout = self.lock_wait + Duration::from_secs(2);
+        peer.call(|c: ParticipantServiceClient| {
+            let (req, cover) = (req.clone(), cover.to_vec());
+            async move { c.range_part(rpc::deadline(timeout), req, cover, as_of).await }
+        })
+        .await
+    }
+
+    /// This replica's part of a range page read through `cover`: the keys
+    /// it serves, as of `as_of` if no later commit changed them (see
+    /// [`RangePart`]).
+    async fn range_part(&self, req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart> {
+        req.check()?;
+        let placement = self.partitioned().ok_or_else(|| {
+            Error::NotReady(format!("participant {} has not learned where keys live yet; retry shortly", self.id))
+        })?;
+        if !self.wait_applied(as_of, Instant::now() + self.lock_wait).await {
+            return Err(Error::NotReady(format!(
+                "participant {} has not applied index {as_of} after {:?} (it is behind); another replica will be asked",
+                self.id, self.lock_wait
+            )));
+        }
+        self.wait_range_unheld(&req).await?;
+        let serves = |key: &[u8]| ranges::serves(&placement, &cover, self.id, key);
+        let mut page = self.store.range_where(&req, serves)?;
+        let covered = |key: &[u8]| {
+            req.contains(key) && page.next.as_deref().is_none_or(|next| key < next) && serves(key)
+        };
+        let unchanged = self.recent.lock().unwrap().unchanged(as_of, page.index, covered);
+        if !unchanged {
+            page.entries.clear();
+            page.next = None;
+        }
+        Ok(RangePart { page, unchanged })
     }
 
     /// The wait of a linearizable read: the lease must be valid, then
@@ -437,6 +633,8 @@ impl Node {
     }
 
     fn status(&self) -> NodeStatus {
+        // Counted before taking the locks the write path needs.
+        let keys = self.store.key_count();
         let standing = self.standing.lock().unwrap();
         let core = self.core.lock().unwrap();
         let tick_ms = self.tick.as_millis() as u64;
@@ -458,6 +656,8 @@ impl Node {
             member: standing.member(),
             lease_ms: standing.lease_ms(self.now_ms()),
             in_doubt: core.in_doubt_ages().into_iter().map(|(t, age)| (t, age * tick_ms)).collect(),
+            keys,
+            partitions: standing.placement().map_or(0, |p| p.partitions_of(self.id).len() as u64),
         }
     }
 
@@ -470,6 +670,18 @@ impl Node {
                 let Some(last) = batch.last().map(|e| e.index) else {
                     break;
                 };
+                // Before readers can see the batch (see `range_part`).
+                {
+                    let partitioned = self.partitioned().is_some();
+                    let mut recent = self.recent.lock().unwrap();
+                    if partitioned {
+                        for e in &batch {
+                            recent.record(e.index, e.writes.iter().map(|w| w.key()));
+                        }
+                    } else {
+                        recent.forget_through(last);
+                    }
+                }
                 crash_point!("participant::before_apply");
                 let store = self.store.clone();
                 let (store_result, batch) = tokio::task::spawn_blocking(move || {
@@ -576,6 +788,7 @@ impl Node {
                     continue;
                 }
             };
+            self.set_peers(&reply.participants);
             // Persisted under the lock: nothing acts on the new standing
             // (a PREPARE from the incarnation now followed) before it is.
             {
@@ -703,6 +916,11 @@ impl Node {
     }
 }
 
+/// Participant ids as a list for messages: `1, 3, 4`.
+fn list(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+}
+
 /// One connection's view of the participant: who is calling decides what it
 /// may do (see `treaty_common::rpc`).
 #[derive(Clone)]
@@ -744,6 +962,11 @@ impl ParticipantService for Server {
 
     async fn range(self, _: Context, req: RangeRequest) -> Result<RangePage> {
         self.node.range(req).await
+    }
+
+    async fn range_part(self, _: Context, req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart> {
+        self.caller.require_participant("a part of a range read across partitions")?;
+        self.node.range_part(req, cover, as_of).await
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
@@ -879,6 +1102,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             Expect::Coordinator,
         )
         .with_max_call(Duration::from_secs(21)),
+        peers: Mutex::new(Vec::new()),
+        security: config.security.clone(),
+        recent: Mutex::new(RecentWrites::new(RECENT_WRITES, applied)),
         applied_count: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
         tick: config.tick,

@@ -30,6 +30,10 @@ pub struct DemoArgs {
     /// Run the nodes without TLS or authentication (to measure the difference).
     #[arg(long)]
     pub insecure: bool,
+    /// How many participants hold each key (default: all). Fixed when the
+    /// demo's cluster is first created.
+    #[arg(long, env = "TREATY_REPLICATION")]
+    pub replication: Option<usize>,
 }
 
 /// The demo's certificates directory, created (or completed with missing
@@ -132,6 +136,7 @@ pub fn run(args: DemoArgs) -> i32 {
         participant_addrs.join(","),
     ]
     .into_iter()
+    .chain(args.replication.map(|r| format!("--replication={r}")))
     .chain(security_args.iter().cloned())
     .collect::<Vec<String>>();
     let mut spawn_all = || -> std::io::Result<()> {

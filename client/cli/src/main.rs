@@ -99,8 +99,10 @@ enum Command {
     Del { key: String },
     /// Set KEY to NEW only if it currently holds EXPECTED.
     Cas { key: String, expected: String, new: String },
-    /// Show every node: up or down, role, applied commit index.
+    /// Show every node: up or down, role, applied commit index, keys held.
     Status,
+    /// Which partition KEY is in and which participants hold it.
+    Placement { key: String },
     /// What became of a transaction (by the id an error message named):
     /// exit 0 committed, 1 not committed (or still running), 3 unknown yet.
     Outcome {
@@ -434,6 +436,16 @@ fn run_command(
                     let mut out = std::io::stdout().lock();
                     rt.block_on(status::report(&client, json, &mut out))
                 }
+                Command::Placement { key } => match rt.block_on(client.cluster_status()) {
+                    Ok(s) => {
+                        println!("{}", status::placement(&s.placement, key.as_bytes(), json));
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        3
+                    }
+                },
                 Command::Outcome { id } => match id.parse::<treaty_client::TxnId>() {
                     Err(e) => {
                         eprintln!("error: {e}");

@@ -257,6 +257,10 @@ impl Shell<'_> {
                 r.stale |= self.stale;
                 self.range(&r)
             }
+            Command::Placement(key) => match self.rt.block_on(self.client.cluster_status()) {
+                Ok(s) => println!("{}", crate::status::placement(&s.placement, &key, false)),
+                Err(e) => self.say_error(&e),
+            },
             Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
                 Ok(o @ crate::Outcome::Committed(_)) => println!("{}", self.style.ok(&o.to_string())),
                 Ok(o) => println!("{o}"),

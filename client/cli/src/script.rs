@@ -43,6 +43,8 @@ pub enum Command {
     Status,
     /// What became of a transaction (shell only).
     Outcome(TxnId),
+    /// Where a key lives (shell only).
+    Placement(Vec<u8>),
     /// `timing on|off`; `None` (`timing` alone, psql's `\timing`) toggles.
     Timing(Option<bool>),
     /// `stale on|off` (shell only): reads default to `--stale` while on;
@@ -68,6 +70,7 @@ impl Command {
             Command::Show => "show",
             Command::Status => "status",
             Command::Outcome(_) => "outcome",
+            Command::Placement(_) => "placement",
             Command::Timing(_) => "timing",
             Command::Stale(_) => "stale",
             Command::Help(_) => "help",
@@ -297,6 +300,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("show", "show", "show"),
     ("status", "status", "status"),
     ("outcome", "outcome TXN_ID", "outcome 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
+    ("placement", "placement KEY", "placement user/1"),
     ("timing", "timing [on|off]   (alone, or \\timing: toggles)", "timing on"),
     ("stale", "stale [on|off]   (while on, get/scan/range read --stale; alone: toggles)", "stale on"),
     ("help", "help [COMMAND]   (or \\?)", "help if"),
@@ -486,6 +490,10 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
                 "status" => Command::Status,
                 _ => Command::Exit,
             }
+        }
+        "placement" => {
+            arity(1)?;
+            Command::Placement(checked(&args[0], treaty_common::types::check_key)?)
         }
         "outcome" => {
             arity(1)?;

@@ -10,7 +10,43 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 use treaty_client::Client;
+use treaty_common::protocol::{Placement, PlacementSpec};
 use treaty_common::rpc::{ClusterStatus, NodeStatus};
+use treaty_common::types::escape;
+
+/// `placement KEY`: where a key lives, as a line or as JSON.
+pub fn placement(spec: &PlacementSpec, key: &[u8], json_mode: bool) -> String {
+    let p = Placement::from(spec.clone());
+    let partition = p.partition(key);
+    let replicas = p.replicas(partition);
+    if json_mode {
+        return json!({
+            "key": escape(key), "partition": partition, "partitions": p.partitions(), "replicas": replicas,
+            "replication": p.replication(), "participants": spec.participants.len(),
+        })
+        .to_string();
+    }
+    let ids = replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    if p.is_full() {
+        format!("{}: on every participant ({ids}): this cluster keeps full copies", escape(key))
+    } else {
+        format!(
+            "{}: partition {partition} of {}, on participants {ids} (each key on {} of {} participants)",
+            escape(key),
+            p.partitions(),
+            p.replication(),
+            spec.participants.len()
+        )
+    }
+}
+
+/// "replication 3 of 5 (256 partitions)" for a partitioned cluster.
+fn replication(spec: &PlacementSpec) -> String {
+    if spec.replication >= spec.participants.len() {
+        return String::new();
+    }
+    format!("  replication {} of {} ({} partitions)", spec.replication, spec.participants.len(), spec.partitions)
+}
 
 /// Writes the status to `out`; returns the exit status.
 pub async fn report(client: &Client, json_mode: bool, out: &mut impl Write) -> i32 {
@@ -56,26 +92,29 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
     let c = &s.coordinator;
     writeln!(
         out,
-        "cluster {}  last commit index {}  view epoch {}  members {:?} (minimum {}){}",
+        "cluster {}  last commit index {}  view epoch {}  members {:?} (minimum {}){}{}",
         c.cluster.map(|c| c.to_string()).unwrap_or_default(),
         c.applied_index,
         c.epoch,
         s.members,
         s.min_replicas,
+        replication(&s.placement),
         if c.ready { "" } else { "  WRITES REFUSED: too few members" }
     )?;
     if let Some(why) = &c.fenced {
         writeln!(out, "COORDINATOR: {why}")?;
     }
-    let row = |out: &mut dyn Write, cols: [&str; 6], note: &str| {
+    let partitioned = s.placement.replication < s.placement.participants.len();
+    let row = |out: &mut dyn Write, cols: [&str; 7], note: &str| {
         writeln!(
             out,
-            "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8}  {note}",
-            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+            "{:<15} {:<22} {:<6} {:>8} {:>9} {:>8} {:>9}  {note}",
+            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6]
         )
     };
-    row(out, ["NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE"], "NOTE")?;
-    row(out, ["coordinator", &c.addr, "up", &c.applied_index.to_string(), &c.prepared.to_string(), "-"], &work(c))?;
+    row(out, ["NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE", "KEYS"], "NOTE")?;
+    let applied = c.applied_index.to_string();
+    row(out, ["coordinator", &c.addr, "up", &applied, &c.prepared.to_string(), "-", "-"], &work(c))?;
     for (id, addr, st) in &s.participants {
         let name = format!("participant {id}");
         let in_view = s.members.contains(id);
@@ -91,14 +130,19 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
                 for (t, age) in &n.in_doubt {
                     note.push(format!("in doubt {t} for {age} ms"));
                 }
+                if partitioned {
+                    note.push(format!("holds {} of {} partitions", n.partitions, s.placement.partitions));
+                }
                 note.push(work(n));
                 let lease = n.lease_ms.map_or("none".to_string(), |ms| format!("{ms}ms"));
-                let cols = [name.as_str(), addr, "up", &n.applied_index.to_string(), &n.prepared.to_string(), &lease];
+                let (applied, prepared, keys) =
+                    (n.applied_index.to_string(), n.prepared.to_string(), n.keys.to_string());
+                let cols = [name.as_str(), addr, "up", &applied, &prepared, &lease, &keys];
                 row(out, cols, &note.join("; "))?;
             }
             Err(e) => {
                 let note = format!("{}{e}", if in_view { "" } else { "NOT IN VIEW; " });
-                row(out, [&name, addr, "down", "-", "-", "-"], &note)?;
+                row(out, [&name, addr, "down", "-", "-", "-", "-"], &note)?;
             }
         }
     }
@@ -142,6 +186,8 @@ fn node_json(n: &NodeStatus, addr: &str, in_view: bool) -> Value {
         "lease_ms": n.lease_ms,
         "in_doubt": n.in_doubt.iter().map(|(t, age)| json!({"txn": t.to_string(), "age_ms": age})).collect::<Vec<_>>(),
         "since_start": {"commits": n.commits, "syncs": n.syncs, "rpcs": n.rpcs},
+        "keys": n.keys,
+        "partitions": n.partitions,
     })
 }
 
@@ -151,6 +197,7 @@ fn cluster_json(s: &ClusterStatus) -> Value {
     if let Some(fields) = coordinator.as_object_mut() {
         fields.remove("in_view");
         fields.remove("lease_ms");
+        fields.remove("keys");
     }
     coordinator["state"] = json!("up");
     coordinator["fenced"] = json!(c.fenced);
@@ -170,6 +217,8 @@ fn cluster_json(s: &ClusterStatus) -> Value {
         "view_epoch": c.epoch,
         "members": s.members,
         "min_replicas": s.min_replicas,
+        "replication": s.placement.replication,
+        "partitions": s.placement.partitions,
         "coordinator": coordinator,
         "participants": participants,
     })

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Txn, TxnId, Write};
+use crate::types::{RangePage, Txn, TxnId, Write};
 
 /// Identifies one cluster; stored in every node's data directory so that a
 /// directory from another cluster is refused instead of silently mixed in.
@@ -145,6 +145,21 @@ pub struct SyncReply {
     pub min_applied: u64,
     /// Which participants hold which keys (fixed when the cluster was created).
     pub placement: crate::protocol::PlacementSpec,
+    /// The participants' addresses, in id order (participant 1 first): a
+    /// participant forwards reads of keys it does not hold to their replicas.
+    pub participants: Vec<String>,
+}
+
+/// One participant's part of a range page read across partitions (see
+/// `protocol::ranges`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RangePart {
+    /// The part's keys, read at `page.index`.
+    pub page: RangePage,
+    /// No commit after the index asked for changed the keys the page
+    /// covers: the page is also the state at that index. `false`: ask
+    /// again as of `page.index` (the entries are left out).
+    pub unchanged: bool,
 }
 
 /// One node's own view of itself.
@@ -186,6 +201,11 @@ pub struct NodeStatus {
     pub lease_ms: Option<u64>,
     /// Transactions prepared here and undecided, with their age in ms.
     pub in_doubt: Vec<(TxnId, u64)>,
+    /// Participants: keys stored here. Coordinator: 0.
+    pub keys: u64,
+    /// Participants: partitions held here (0 until the placement is
+    /// known). Coordinator: the cluster's partition count.
+    pub partitions: u64,
 }
 
 /// The whole cluster as the coordinator sees it.
@@ -195,6 +215,8 @@ pub struct ClusterStatus {
     /// Members of the current view (epoch in `coordinator.epoch`).
     pub members: Vec<u64>,
     pub min_replicas: u64,
+    /// Which participants hold which keys.
+    pub placement: crate::protocol::PlacementSpec,
     /// Participants in id order: their status, or why they did not answer.
     pub participants: Vec<(u64, String, Result<NodeStatus, String>)>,
 }

@@ -359,11 +359,23 @@ impl ReplicaStore {
         Ok(self.data.get(key).db()?.map(|v| decode_versioned(&v)))
     }
 
+    /// How many keys are stored (counts them: O(keys), for status only).
+    pub fn key_count(&self) -> u64 {
+        self.data.iter().keys().filter(|k| k.as_ref().is_ok_and(|k| k.as_ref() != APPLIED_KEY)).count() as u64
+    }
+
     /// One page of a range read (the request must have passed
     /// [`RangeRequest::check`]): the keys in the range from `req.start` on,
     /// at most `req.limit` of them and about [`RANGE_PAGE_BYTES`], all as of
     /// one applied index. Memory is bounded by the page, whatever the range.
     pub fn range(&self, req: &RangeRequest) -> Result<RangePage> {
+        self.range_where(req, |_| true)
+    }
+
+    /// Like [`ReplicaStore::range`], counting and returning only the keys
+    /// `keep` accepts (a participant's share of a page read across
+    /// partitions).
+    pub fn range_where(&self, req: &RangeRequest, keep: impl Fn(&[u8]) -> bool) -> Result<RangePage> {
         let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut page = RangePage { index: self.applied_index()?, ..Default::default() };
         let iter = match &req.end {
@@ -374,7 +386,7 @@ impl ReplicaStore {
         let mut bytes = 0;
         for item in iter {
             let (key, stored) = item.db()?;
-            if key.as_ref() == APPLIED_KEY {
+            if key.as_ref() == APPLIED_KEY || !keep(&key) {
                 continue;
             }
             let size = key.len() + if req.keys_only { 8 } else { stored.len() };

@@ -19,6 +19,9 @@
 //!   batched PREPAREs, votes, decisions, retries, view changes and fencing,
 //!   as inputs in and [`Action`]s out.
 //!
+//! * [`ranges`] puts a range page together from the participants holding
+//!   its partitions, all as of one commit index.
+//!
 //! All are exercised exhaustively in microseconds by unit and property tests.
 
 mod coordinator;
@@ -26,6 +29,7 @@ mod locks;
 mod membership;
 mod participant;
 mod placement;
+pub mod ranges;
 mod replica;
 
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
