@@ -45,6 +45,10 @@ pub trait ParticipantService {
     async fn range_part(req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart>;
     /// Submits a transaction; forwarded to the coordinator.
     async fn submit(txn: Txn) -> Result<Committed>;
+    /// The coordinator's liveness probe (several times a second): answers
+    /// this replica's data-directory id (see [`SyncRequest::replica`]).
+    async fn ping() -> u64;
+    /// This node's status, with its key count (which reads every key).
     async fn node_status() -> NodeStatus;
     /// What became of a transaction id (forwarded to the coordinator).
     async fn txn_outcome(txn_id: TxnId) -> Result<Outcome>;

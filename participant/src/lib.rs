@@ -104,6 +104,9 @@ const RECENT_WRITES: usize = 1 << 16;
 /// A range page across partitions is asked as of a newer index at most this
 /// many times before the read gives up (its keys keep changing).
 const RANGE_ROUNDS: usize = 8;
+/// Status shows a key count at most this old (counting reads every key;
+/// health checks ask every second).
+const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
 
 struct Node {
     id: u64,
@@ -131,6 +134,8 @@ struct Node {
     security: Security,
     /// Keys written by recent commits (kept while keys are partitioned).
     recent: Mutex<RecentWrites>,
+    /// The last key count and when it was made (see [`Node::key_count`]).
+    keys: tokio::sync::Mutex<Option<(Instant, u64)>>,
     applied_count: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
     rpcs: AtomicU64,
@@ -546,9 +551,8 @@ impl Node {
         if id == self.id {
             return self.range_part(req.clone(), cover.to_vec(), as_of).await;
         }
-        let peer = self
-            .peer(id)
-            .ok_or_else(|| Error::Unavailable(format!("participant {id}'s address is not known yet")))?;
+        let peer =
+            self.peer(id).ok_or_else(|| Error::Unavailable(format!("participant {id}'s address is not known yet")))?;
         let timeout = self.lock_wait + Duration::from_secs(2);
         peer.call(|c: ParticipantServiceClient| {
             let (req, cover) = (req.clone(), cover.to_vec());
@@ -574,9 +578,8 @@ impl Node {
         self.wait_range_unheld(&req).await?;
         let serves = |key: &[u8]| ranges::serves(&placement, &cover, self.id, key);
         let mut page = self.store.range_where(&req, serves)?;
-        let covered = |key: &[u8]| {
-            req.contains(key) && page.next.as_deref().is_none_or(|next| key < next) && serves(key)
-        };
+        let covered =
+            |key: &[u8]| req.contains(key) && page.next.as_deref().is_none_or(|next| key < next) && serves(key);
         let unchanged = self.recent.lock().unwrap().unchanged(as_of, page.index, covered);
         if !unchanged {
             page.entries.clear();
@@ -632,9 +635,24 @@ impl Node {
         }
     }
 
-    fn status(&self) -> NodeStatus {
-        // Counted before taking the locks the write path needs.
-        let keys = self.store.key_count();
+    /// How many keys this replica stores, counted at most every
+    /// [`KEY_COUNT_AGE`] (counting reads every key: off the async workers,
+    /// and without the locks the write path needs).
+    async fn key_count(&self) -> u64 {
+        let mut cached = self.keys.lock().await;
+        if let Some((at, count)) = *cached {
+            if at.elapsed() < KEY_COUNT_AGE {
+                return count;
+            }
+        }
+        let store = self.store.clone();
+        let count = tokio::task::spawn_blocking(move || store.key_count()).await.unwrap_or(0);
+        *cached = Some((Instant::now(), count));
+        count
+    }
+
+    /// This node's status, with `keys` as [`Node::key_count`] gave it.
+    fn status(&self, keys: u64) -> NodeStatus {
         let standing = self.standing.lock().unwrap();
         let core = self.core.lock().unwrap();
         let tick_ms = self.tick.as_millis() as u64;
@@ -991,8 +1009,13 @@ impl ParticipantService for Server {
         }
     }
 
+    async fn ping(self, _: Context) -> u64 {
+        self.node.replica
+    }
+
     async fn node_status(self, _: Context) -> NodeStatus {
-        self.node.status()
+        let keys = self.node.key_count().await;
+        self.node.status(keys)
     }
 
     async fn txn_outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
@@ -1105,6 +1128,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         peers: Mutex::new(Vec::new()),
         security: config.security.clone(),
         recent: Mutex::new(RecentWrites::new(RECENT_WRITES, applied)),
+        keys: tokio::sync::Mutex::new(None),
         applied_count: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
         tick: config.tick,

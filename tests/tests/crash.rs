@@ -6,10 +6,16 @@
 //! every replica holds identical data, the transaction is all there or not at
 //! all, a commit the client was told about is present, and resubmitting the
 //! same transaction id never applies it twice.
+//!
+//! Every case runs twice: on 3 participants with full copies, and on 5
+//! participants with each key on 3 (`--replication 3`), where the
+//! transaction spans two partitions and a crashing participant holds one of
+//! them and not the other.
 
 use std::time::Duration;
 
 use treaty_client::{Condition, Error, ReadMode, Txn, Write};
+use treaty_common::protocol::{Placement, DEFAULT_PARTITIONS};
 use treaty_tests::Cluster;
 
 const N: usize = 3;
@@ -18,11 +24,52 @@ fn keys() -> Vec<Vec<u8>> {
     vec![b"base".to_vec(), b"t/a".to_vec(), b"t/b".to_vec()]
 }
 
+/// The cluster a case runs on and the keys its transaction uses (a
+/// condition key, then the two keys it writes).
+struct Layout {
+    n: usize,
+    replication: Option<usize>,
+    keys: Vec<Vec<u8>>,
+}
+
+impl Layout {
+    fn full() -> Layout {
+        Layout { n: N, replication: None, keys: keys() }
+    }
+
+    /// 5 participants, each key on 3; the written keys are in different
+    /// partitions, and participant `node` (if one) holds the first and not
+    /// the second.
+    fn partitioned(node: usize) -> Layout {
+        let p = Placement::new((1..=5).collect(), 3, DEFAULT_PARTITIONS);
+        let me = node as u64;
+        let find = |prefix: &str, want: &dyn Fn(&[u64]) -> bool| {
+            (0..10_000).map(|i| format!("{prefix}{i}").into_bytes()).find(|k| want(p.replicas_of(k))).unwrap()
+        };
+        let a = find("t/a", &|r| me == 0 || r.contains(&me));
+        let b = find("t/b", &|r| (me == 0 || !r.contains(&me)) && r != p.replicas_of(&a));
+        Layout { n: 5, replication: Some(3), keys: vec![b"base".to_vec(), a, b] }
+    }
+
+    async fn start(&self) -> Cluster {
+        let mut c = Cluster::new(self.n);
+        if let Some(r) = self.replication {
+            c.coordinator_args.extend(["--replication".to_string(), r.to_string()]);
+        }
+        for i in 0..=self.n {
+            c.spawn(i, &[]);
+        }
+        c.wait_ready(Duration::from_secs(20)).await;
+        c
+    }
+}
+
 /// Runs one transaction with `failpoint` armed on `node`, then recovers.
-async fn crash_case(node: usize, failpoint: &str, must_commit: Option<bool>) {
-    let mut c = Cluster::start(N).await;
+async fn crash_case(layout: Layout, node: usize, failpoint: &str, must_commit: Option<bool>) {
+    let mut c = layout.start().await;
+    let [base, ka, kb] = [&layout.keys[0], &layout.keys[1], &layout.keys[2]];
     let client = c.client_for(if node == 1 { 2 } else { 1 });
-    client.put(b"base", b"0").await.unwrap();
+    client.put(base, b"0").await.unwrap();
     c.wait_ready(Duration::from_secs(10)).await;
 
     // Re-arm the node with the failpoint (a clean stop, so that recovery
@@ -33,8 +80,8 @@ async fn crash_case(node: usize, failpoint: &str, must_commit: Option<bool>) {
     c.wait_ready(Duration::from_secs(20)).await;
 
     let txn = Txn::new(
-        vec![Condition::Missing(b"t/a".to_vec()), Condition::ValueEquals(b"base".to_vec(), b"0".to_vec())],
-        vec![Write::Put(b"t/a".to_vec(), b"A".to_vec()), Write::Put(b"t/b".to_vec(), b"B".to_vec())],
+        vec![Condition::Missing(ka.clone()), Condition::ValueEquals(base.clone(), b"0".to_vec())],
+        vec![Write::Put(ka.clone(), b"A".to_vec()), Write::Put(kb.clone(), b"B".to_vec())],
     );
     let first = client.commit(txn.clone()).await;
     assert!(c.wait_exit(node, Duration::from_secs(10)), "node {node} did not crash at {failpoint}; first = {first:?}");
@@ -43,7 +90,7 @@ async fn crash_case(node: usize, failpoint: &str, must_commit: Option<bool>) {
     // Restart without the failpoint and let the cluster converge.
     c.spawn(node, &[]);
     let last = c.wait_ready(Duration::from_secs(30)).await;
-    let values = c.assert_replicas_identical(&keys()).await;
+    let values = c.assert_replicas_identical(&layout.keys).await;
     let (a, b) = (&values[1], &values[2]);
     assert_eq!(a.is_some(), b.is_some(), "half-applied transaction after crash at {failpoint}: {values:?}");
     if let (Some(a), Some(b)) = (a, b) {
@@ -74,19 +121,30 @@ async fn crash_case(node: usize, failpoint: &str, must_commit: Option<bool>) {
     let again = client.commit(txn).await.unwrap();
     assert_eq!(Ok(again), retry, "third submission differs");
     c.wait_ready(Duration::from_secs(10)).await;
-    let after = c.assert_replicas_identical(&keys()).await;
+    let after = c.assert_replicas_identical(&layout.keys).await;
     assert!(after[1].is_some() && after[2].is_some());
     let status = c.client().cluster_status().await.unwrap();
     assert_eq!(status.coordinator.applied_index, after[1].as_ref().unwrap().1, "the transaction was applied twice");
 }
 
 macro_rules! crash_tests {
-    ($($name:ident: $node:expr, $fp:expr, $must:expr;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            crash_case($node, $fp, $must).await;
+    ($($name:ident: $node:expr, $fp:expr, $must:expr;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crash_case(Layout::full(), $node, $fp, $must).await;
+            }
+        )*
+        mod partitioned {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crash_case(Layout::partitioned($node), $node, $fp, $must).await;
+                }
+            )*
         }
-    )*};
+    };
 }
 
 crash_tests! {

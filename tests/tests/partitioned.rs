@@ -137,7 +137,10 @@ async fn range_reads_across_partitions_never_show_half_a_transaction() {
                 let fv: i64 = String::from_utf8_lossy(&f.value).parse().unwrap();
                 let tv: i64 = String::from_utf8_lossy(&t.value).parse().unwrap();
                 let txn = Txn::new(
-                    vec![Condition::VersionEquals(from.clone(), f.version), Condition::VersionEquals(to.clone(), t.version)],
+                    vec![
+                        Condition::VersionEquals(from.clone(), f.version),
+                        Condition::VersionEquals(to.clone(), t.version),
+                    ],
                     vec![
                         Write::Put(from.clone(), (fv - 1).to_string().into_bytes()),
                         Write::Put(to.clone(), (tv + 1).to_string().into_bytes()),

@@ -201,7 +201,7 @@ pub struct NodeStatus {
     pub lease_ms: Option<u64>,
     /// Transactions prepared here and undecided, with their age in ms.
     pub in_doubt: Vec<(TxnId, u64)>,
-    /// Participants: keys stored here. Coordinator: 0.
+    /// Participants: keys stored here (counted at most 2 s ago). Coordinator: 0.
     pub keys: u64,
     /// Participants: partitions held here (0 until the placement is
     /// known). Coordinator: the cluster's partition count.

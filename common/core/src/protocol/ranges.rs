@@ -69,11 +69,8 @@ pub fn serves(placement: &Placement, cover: &[u64], me: u64, key: &[u8]) -> bool
 /// that part's keys are unknown.
 pub fn merge(parts: Vec<RangePage>, limit: u32, index: u64) -> RangePage {
     let bound: Option<Key> = parts.iter().filter_map(|p| p.next.clone()).min();
-    let mut entries: Vec<_> = parts
-        .into_iter()
-        .flat_map(|p| p.entries)
-        .filter(|e| bound.as_ref().is_none_or(|b| e.key < *b))
-        .collect();
+    let mut entries: Vec<_> =
+        parts.into_iter().flat_map(|p| p.entries).filter(|e| bound.as_ref().is_none_or(|b| e.key < *b)).collect();
     entries.sort_by(|a, b| a.key.cmp(&b.key));
     entries.dedup_by(|a, b| a.key == b.key);
     let mut bytes = 0;
