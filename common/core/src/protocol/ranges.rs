@@ -166,7 +166,7 @@ mod tests {
         assert_eq!((keys(&merged), merged.next.as_deref()), (vec!["a", "b", "c"], Some(b"d".as_slice())));
         // Everything fits and no part was cut: the range is done.
         let merged = merge(vec![page(&["a"], None), page(&[], None)], 3, 7);
-        assert_eq!((keys(&merged), merged.next), (vec!["a"], None));
+        assert_eq!((keys(&merged), merged.next.clone()), (vec!["a"], None));
     }
 
     #[test]
