@@ -100,6 +100,8 @@ run_test() {
   scratch=$(mktemp -d)
   export TREATY_CERTS_DIR="$scratch/certs" TREATY_CERTS="$scratch/certs"
   "$treaty" certs create "$TREATY_CERTS_DIR" --participants 5 >/dev/null
+  # Tests named replication3_* run with each key on 3 of the 5 participants.
+  if [[ $name == replication3_* ]]; then export TREATY_REPLICATION=3; else unset TREATY_REPLICATION; fi
   dc up -d >/dev/null 2>&1
   local start=$SECONDS ok=1
   if wait_healthy && "test_$name"; then
@@ -339,9 +341,52 @@ print("    the second shell recalled: put hist/key from-the-first-shell")
 PY
 }
 
+# Each key on 3 of 5: stored on 3 (key counts), readable through all 5;
+# killing two replicas of a key's partition refuses writes to it and not to
+# a partition on the other three; back, it takes writes again.
+test_replication3_partition_down() {
+  tx 1 status | grep -q "replication 3 of 5 (256 partitions)" || fail "status does not show replication 3" || return 1
+  local pairs="" script=""
+  for i in $(seq 1 30); do pairs="$pairs"$'\n'"p/$i v$i"; script="$script"$'\n'"put p/$i v$i"; done
+  pairs=${pairs#$'\n'}
+  docker exec -i "$(cid participant-1)" /usr/local/bin/treaty --endpoints participant-1:7001 run --atomic - <<<"$script" >/dev/null ||
+    fail "writing 30 keys" || return 1
+  all_have "$pairs" || return 1
+  # Every key on exactly 3: the participants' key counts add up to 90.
+  local deadline=$((SECONDS + 10)) total=0
+  while [ $SECONDS -lt $deadline ]; do
+    total=$(tx 1 status | awk '$1 == "participant" {s += $8} END {print s}')
+    [ "$total" = 90 ] && break
+    sleep 0.5
+  done
+  [ "$total" = 90 ] || fail "participants hold $total copies of 30 keys, expected 90" || return 1
+  # The replicas of p/1, and a key on none of the two to be killed.
+  local replicas down1 down2 other="" k
+  replicas=$(tx 2 placement p/1 | sed -n 's/.*on participants \([0-9, ]*\) (.*/\1/p' | tr -d ' ')
+  down1=$(cut -d, -f1 <<<"$replicas"); down2=$(cut -d, -f2 <<<"$replicas")
+  [ -n "$down1" ] && [ -n "$down2" ] || fail "placement of p/1: '$replicas'" || return 1
+  for i in $(seq 1 30); do
+    k=$(tx 2 placement "p/$i" | sed -n 's/.*on participants \([0-9, ]*\) (.*/\1/p' | tr -d ' ')
+    if ! grep -qE "(^|,)($down1|$down2)(,|$)" <<<"$k"; then other="p/$i"; break; fi
+  done
+  [ -n "$other" ] || fail "no key of the 30 avoids participants $down1 and $down2" || return 1
+  local up; up=$(printf "%s\n" 1 2 3 4 5 | grep -vxE "$down1|$down2" | head -1)
+  docker kill "$(cid participant-$down1)" "$(cid participant-$down2)" >/dev/null
+  local out
+  if out=$(tx "$up" put p/1 refused 2>&1); then fail "a write to p/1 with 2 of its 3 replicas down committed" || return 1; fi
+  grep -q "partition" <<<"$out" || fail "the refusal does not name the partition: $out" || return 1
+  tx "$up" put "$other" still-ok >/dev/null || fail "a write to $other (replicas all up) was refused" || return 1
+  [ "$(tx "$up" get "$other")" = still-ok ] || fail "read of $other" || return 1
+  [ "$(tx "$up" get p/1)" = v1 ] || fail "p/1 changed or unreadable on its last replica" || return 1
+  docker start "$(cid participant-$down1)" "$(cid participant-$down2)" >/dev/null
+  converged 90 || return 1
+  tx "$up" put p/1 back >/dev/null || fail "p/1 refused after its replicas came back" || return 1
+  same_everywhere p/1 back
+}
+
 all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
   network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
-  bad_configuration_exits_with_a_message shell_history_survives)
+  bad_configuration_exits_with_a_message shell_history_survives replication3_partition_down)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

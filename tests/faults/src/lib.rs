@@ -74,6 +74,9 @@ pub struct CampaignConfig {
     /// writes (and applies are slowed to widen the window). The checker must
     /// reject the history.
     pub broken: bool,
+    /// `--replication` for the coordinator (`None`: full copies). Key groups
+    /// then span partitions, and forwarded reads cross the fault proxies.
+    pub replication: Option<usize>,
 }
 
 impl CampaignConfig {
@@ -86,6 +89,7 @@ impl CampaignConfig {
             faults: true,
             kinds: FaultKind::ALL.to_vec(),
             broken: false,
+            replication: None,
         }
     }
 }
@@ -307,6 +311,9 @@ async fn inject_faults(
 pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut cluster = Cluster::new(5);
+    if let Some(r) = cfg.replication {
+        cluster.coordinator_args.extend(["--replication".to_string(), r.to_string()]);
+    }
     let mut to_participant = Vec::new();
     let mut to_coordinator = Vec::new();
     for i in 1..=5 {

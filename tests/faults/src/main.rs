@@ -45,6 +45,9 @@ struct Args {
     /// a table: runs, operations, result and worst committed write per kind.
     #[arg(long)]
     each_kind: bool,
+    /// Each key on this many of the 5 participants (default: all).
+    #[arg(long)]
+    replication: Option<usize>,
 }
 
 /// Totals for one set of runs.
@@ -76,6 +79,7 @@ async fn main() {
             cfg.faults = !args.no_faults;
             cfg.kinds = kinds.clone();
             cfg.broken = args.broken;
+            cfg.replication = args.replication;
             t.runs += 1;
             match treaty_faults::run(cfg).await {
                 Ok(r) => {

@@ -16,6 +16,21 @@ async fn seeded_fault_campaigns_stay_linearizable() {
     }
 }
 
+/// The same with each key on 3 of the 5 participants: transactions span
+/// partitions, and reads of keys a door does not hold cross the faults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_fault_campaigns_stay_linearizable_with_partitioned_keys() {
+    for seed in 11..=12 {
+        let mut cfg = CampaignConfig::new(seed);
+        cfg.replication = Some(3);
+        let report = run(cfg).await.unwrap();
+        println!("{}", report.summary());
+        assert!(!report.faults.is_empty(), "seed {seed} injected no fault");
+        assert!(report.committed > 20, "seed {seed} made too little progress: {}", report.summary());
+        assert!(report.linearizable(), "{}", report.summary());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_build_whose_reads_skip_the_prepared_wait() {
     let mut cfg = CampaignConfig::new(42);
