@@ -871,10 +871,8 @@ impl Node {
     /// Fetches and applies missed log entries, batch after batch, for up
     /// to about two seconds (the sync loop calls again if still behind).
     async fn fetch_missing(&self, applied: u64) -> Result<()> {
-        let (cluster, placement) = {
-            let standing = self.standing.lock().unwrap();
-            (standing.cluster().expect("joined before fetching"), standing.placement())
-        };
+        let cluster = self.standing.lock().unwrap().cluster().expect("joined before fetching");
+        let partitioned = self.partitioned();
         let started = Instant::now();
         let mut from = applied + 1;
         let mut fetched = 0u64;
@@ -893,7 +891,7 @@ impl Node {
                 let mut core = self.core.lock().unwrap();
                 for mut e in entries {
                     // Only the writes to keys this participant holds.
-                    if let Some(p) = placement.as_deref().filter(|p| !p.is_full()) {
+                    if let Some(p) = partitioned.as_deref() {
                         e.writes.retain(|w| p.holds(self.id, w.key()));
                     }
                     match core.commit(e.txn_id, e.index, Some(e.writes.into())) {

@@ -436,10 +436,16 @@ fn run_command(
                     let mut out = std::io::stdout().lock();
                     rt.block_on(status::report(&client, json, &mut out))
                 }
-                Command::Placement { key } => match rt.block_on(client.cluster_status()) {
+                Command::Placement { key } => match treaty_common::types::check_key(key.as_bytes())
+                    .and_then(|()| rt.block_on(client.cluster_status()))
+                {
                     Ok(s) => {
                         println!("{}", status::placement(&s.placement, key.as_bytes(), json));
                         0
+                    }
+                    Err(e @ Error::Invalid(_)) => {
+                        eprintln!("error: {e}");
+                        2
                     }
                     Err(e) => {
                         eprintln!("error: {e}");

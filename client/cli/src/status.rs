@@ -42,7 +42,7 @@ pub fn placement(spec: &PlacementSpec, key: &[u8], json_mode: bool) -> String {
 
 /// "replication 3 of 5 (256 partitions)" for a partitioned cluster.
 fn replication(spec: &PlacementSpec) -> String {
-    if spec.replication >= spec.participants.len() {
+    if spec.is_full() {
         return String::new();
     }
     format!("  replication {} of {} ({} partitions)", spec.replication, spec.participants.len(), spec.partitions)
@@ -104,7 +104,7 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
     if let Some(why) = &c.fenced {
         writeln!(out, "COORDINATOR: {why}")?;
     }
-    let partitioned = s.placement.replication < s.placement.participants.len();
+    let partitioned = !s.placement.is_full();
     let row = |out: &mut dyn Write, cols: [&str; 7], note: &str| {
         writeln!(
             out,

@@ -45,6 +45,13 @@ pub struct Placement {
     table: Vec<Vec<u64>>,
 }
 
+impl PlacementSpec {
+    /// Whether every participant holds every key.
+    pub fn is_full(&self) -> bool {
+        self.replication >= self.participants.len()
+    }
+}
+
 impl From<Placement> for PlacementSpec {
     fn from(p: Placement) -> Self {
         p.spec
@@ -121,7 +128,7 @@ impl Placement {
 
     /// Whether every participant holds every key.
     pub fn is_full(&self) -> bool {
-        self.spec.replication >= self.spec.participants.len()
+        self.spec.is_full()
     }
 
     /// The partition of `key`.
