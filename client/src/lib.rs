@@ -293,6 +293,7 @@ impl Client {
             Ok(Outcome::Pending) => {
                 format!("transaction {id} is still running and may yet commit: `treaty outcome {id}` tells which")
             }
+            Ok(o @ Outcome::Forgotten(_)) => format!("transaction {id}: {o}"),
             Err(_) => format!(
                 "transaction {id} may or may not have committed: `treaty outcome {id}` tells which once the \
                  coordinator is reachable"

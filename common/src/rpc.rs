@@ -43,6 +43,11 @@ pub trait ParticipantService {
     /// keys in the range that it serves for `cover`, as of commit `as_of`
     /// (see `treaty_core::protocol::ranges`). Only from participants.
     async fn range_part(req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart>;
+    /// One chunk of a snapshot for a replica re-seeding itself: this
+    /// replica's keys of `partitions` (`None`: all) from `start` on, as of
+    /// one applied index. Only from participants, and only from a replica
+    /// that is caught up.
+    async fn snapshot(cluster: ClusterId, partitions: Option<Vec<u32>>, start: Key) -> Result<SnapshotChunk>;
     /// Submits a transaction; forwarded to the coordinator.
     async fn submit(txn: Txn) -> Result<Committed>;
     /// The coordinator's liveness probe (several times a second): answers

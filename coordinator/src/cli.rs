@@ -40,6 +40,15 @@ pub struct Args {
     /// or leave it out, not change it.
     #[arg(long, env = "TREATY_REPLICATION")]
     pub replication: Option<usize>,
+    /// The decision log keeps at least the newest this many commits (their
+    /// entries and outcomes: a retry of one of them is answered, not run
+    /// again) ...
+    #[arg(long, env = "TREATY_RETAIN_COMMITS", default_value_t = crate::DEFAULT_RETAIN_COMMITS)]
+    pub retain_commits: u64,
+    /// ... and every commit younger than this many seconds. Older entries
+    /// that every member has applied are compacted away.
+    #[arg(long, env = "TREATY_RETAIN_SECS", default_value_t = crate::DEFAULT_RETAIN_FOR.as_secs())]
+    pub retain_secs: u64,
 
     #[command(flatten)]
     pub security: treaty_common::cli::SecurityArgs,
@@ -86,6 +95,8 @@ pub async fn main_with(args: Args) -> i32 {
         }
     }
     config.replication = args.replication;
+    config.retain_commits = args.retain_commits.max(1);
+    config.retain_for = Duration::from_secs(args.retain_secs);
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
         eprintln!("treaty-coordinator: {e:#}");
         return 1;

@@ -57,7 +57,7 @@ use tracing::{error, info, warn};
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
 use treaty_common::protocol::{
-    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, Placement, View,
+    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, Placement, Retention, View,
     DEFAULT_PARTITIONS,
 };
 use treaty_common::rpc::{
@@ -67,6 +67,11 @@ use treaty_common::rpc::{
 use treaty_common::tls::{Expect, Security};
 use treaty_common::{Committed, Error, Result, Txn, TxnId};
 use treaty_storage::{CoordinatorStore, Decision, Durability};
+
+/// Default of [`Config::retain_commits`].
+pub const DEFAULT_RETAIN_COMMITS: u64 = 100_000;
+/// Default of [`Config::retain_for`].
+pub const DEFAULT_RETAIN_FOR: Duration = Duration::from_secs(10);
 
 /// How the coordinator is configured (flags / `TREATY_*` variables).
 #[derive(Clone, Debug)]
@@ -85,6 +90,11 @@ pub struct Config {
     /// How many participants hold each key; `None`: as recorded when the
     /// cluster was created (a new cluster: every participant).
     pub replication: Option<usize>,
+    /// The log keeps at least the newest this many commits' entries and
+    /// decisions (see `treaty_core::protocol::Retention`) ...
+    pub retain_commits: u64,
+    /// ... and every commit younger than this.
+    pub retain_for: Duration,
     /// TLS identity (the coordinator's certificate), or insecure.
     pub security: Security,
     /// Most connections this node accepts at once.
@@ -103,6 +113,8 @@ impl Config {
             prepare_pipeline: 1,
             membership: MembershipConfig::default(),
             replication: None,
+            retain_commits: DEFAULT_RETAIN_COMMITS,
+            retain_for: DEFAULT_RETAIN_FOR,
             security,
             max_connections: net::DEFAULT_MAX_CONNECTIONS,
             frame_timeout: net::FRAME_TIMEOUT,
@@ -138,6 +150,9 @@ struct Coordinator {
     rpcs: AtomicU64,
     /// Decision syncs since start (the persister's).
     syncs: AtomicU64,
+    /// How far the log may be compacted, and how far it is.
+    retention: Mutex<Retention>,
+    compacted: AtomicU64,
     config: Config,
     clock: Instant,
 }
@@ -386,7 +401,47 @@ impl Coordinator {
         p.core.check_fence()?;
         match self.durable_decision(&p.core, txn_id)? {
             Some(Decision::Committed(i)) => Ok(Outcome::Committed(i)),
-            _ => p.core.outcome_without_record(txn_id),
+            Some(Decision::Aborted(_)) => Ok(Outcome::Aborted),
+            None => match p.core.outcome_without_record(txn_id)? {
+                // No record may mean compacted away: say so to a client.
+                Outcome::Aborted => match self.compacted.load(Ordering::Acquire) {
+                    0 => Ok(Outcome::Aborted),
+                    through => Ok(Outcome::Forgotten(through)),
+                },
+                o => Ok(o),
+            },
+        }
+    }
+
+    /// Compacts the log once a second as far as [`Retention`] allows, in
+    /// steps of 10,000 entries (each a short blocking call).
+    async fn compactor(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let last = self.last_index.load(Ordering::Acquire);
+            let floor = self.protocol.lock().unwrap().core.membership().applied_floor();
+            let cutoff = {
+                let mut r = self.retention.lock().unwrap();
+                let now = self.now_ms();
+                r.observe(now, last);
+                r.cutoff(now, last, floor)
+            };
+            let t0 = Instant::now();
+            let from = self.compacted.load(Ordering::Acquire);
+            while self.compacted.load(Ordering::Acquire) < cutoff {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.compact(cutoff, 10_000)).await.expect("compact task") {
+                    Ok(through) => self.compacted.store(through, Ordering::Release),
+                    Err(e) => {
+                        warn!(error = %e, "compacting the log failed; will retry");
+                        break;
+                    }
+                }
+            }
+            let now = self.compacted.load(Ordering::Acquire);
+            if now > from {
+                tracing::debug!(from, through = now, ms = t0.elapsed().as_millis() as u64, "compacted the log");
+            }
         }
     }
 
@@ -419,6 +474,8 @@ impl Coordinator {
     }
 
     fn node_status(&self) -> NodeStatus {
+        // Counts entries (O(log)): before taking the protocol lock.
+        let log_entries = self.store.log_len().0 as u64;
         let p = self.protocol.lock().unwrap();
         let m = p.core.membership();
         NodeStatus {
@@ -441,6 +498,9 @@ impl Coordinator {
             in_doubt: Vec::new(),
             keys: 0,
             partitions: u64::from(p.core.placement().partitions()),
+            compacted: self.compacted.load(Ordering::Acquire),
+            log_entries,
+            installing: None,
         }
     }
 
@@ -490,11 +550,12 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
         crash_point!("coordinator::before_decision");
         let store = me.store.clone();
         let last = commits.last().map(|e| e.index);
+        let after = last.unwrap_or_else(|| me.last_index.load(Ordering::Acquire));
         let (d, written) = tokio::task::spawn_blocking(move || {
             let written = (|| {
                 store.record_commits(&commits)?;
                 for (txn, reason) in &aborts {
-                    store.record_abort(*txn, reason)?;
+                    store.record_abort(*txn, reason, after)?;
                 }
                 crash_point!("coordinator::before_decision_sync");
                 durability.sync()
@@ -627,6 +688,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         ..ServeConfig::new(config.security.clone(), format!("the coordinator at {addr}"))
     };
     let (persist_tx, persist_rx) = mpsc::unbounded_channel();
+    let compacted = store.compacted_through()?;
+    let retention = Retention::new(config.retain_commits, config.retain_for.as_millis() as u64);
     let coord = Arc::new(Coordinator {
         cluster,
         incarnation,
@@ -639,11 +702,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         committed: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
         syncs: AtomicU64::new(1),
+        retention: Mutex::new(retention),
+        compacted: AtomicU64::new(compacted),
         config,
         clock: Instant::now(),
     });
     tokio::spawn(persister(coord.clone(), durability, persist_rx));
     tokio::spawn(coord.clone().monitor());
+    tokio::spawn(coord.clone().compactor());
     let server_coord = coord.clone();
     net::serve(
         listener,

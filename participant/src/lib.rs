@@ -14,6 +14,13 @@
 //!   cluster id, resolves transactions in doubt, and fetches log entries it
 //!   missed. Until it has caught up once, the replica neither votes nor
 //!   serves linearizable reads (it says so).
+//! * When the entries it needs were compacted away (it was down a long
+//!   time, or its data was wiped), the sync loop installs a *snapshot*
+//!   instead: its keys copied in checksummed chunks from live replicas
+//!   (`snapshot` RPC), then the log from the lowest chunk's index on (see
+//!   `treaty_core::protocol::compaction`). Meanwhile it votes on nothing,
+//!   applies nothing and refuses every read, stale ones too; a crash
+//!   resumes the install at the last chunk written.
 //!
 //! Whom it listens to: PREPARE, COMMIT and ABORT only from the coordinator's
 //! certificate, and only from the coordinator incarnation it follows (see
@@ -31,7 +38,7 @@ pub mod cli;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,11 +52,12 @@ use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
 use treaty_common::protocol::ranges::{self, RecentWrites};
 use treaty_common::protocol::{
-    CommitStep, ParticipantCore, Placement, PrepareStep, PreparedRecord, ReplicaCore, Writes,
+    snapshot_plan, CommitStep, ParticipantCore, Placement, PrepareStep, PreparedRecord, ReplicaCore, SnapshotGroup,
+    Writes,
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
-    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SyncRequest, Vote,
+    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SnapshotChunk, SyncRequest, Vote,
 };
 use treaty_common::tls::{Expect, Security};
 use treaty_common::types::{escape, RangePage, RangeRequest};
@@ -104,6 +112,8 @@ const RECENT_WRITES: usize = 1 << 16;
 /// A range page across partitions is asked as of a newer index at most this
 /// many times before the read gives up (its keys keep changing).
 const RANGE_ROUNDS: usize = 8;
+/// Keys per snapshot chunk at most (and about `RANGE_PAGE_BYTES`).
+const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 /// Status shows a key count at most this old (counting reads every key;
 /// health checks ask every second).
 const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
@@ -142,6 +152,16 @@ struct Node {
     tick: Duration,
     fatal: mpsc::UnboundedSender<String>,
     lock_wait: Duration,
+    /// A snapshot install is under way (see the module docs): the data is
+    /// no state of the cluster.
+    installing: AtomicBool,
+    /// Keys copied by the install under way (for status).
+    install_keys: AtomicU64,
+    /// Local reads show one state of the cluster from this applied index
+    /// on (after an install: its newest chunk's index).
+    consistent_from: AtomicU64,
+    /// Held by the applier around each batch, and by an install throughout.
+    applying: tokio::sync::Mutex<()>,
 }
 
 /// Crashes the process on a storage failure while holding protocol state:
@@ -432,8 +452,35 @@ impl Node {
         }
         if !stale {
             self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
+        } else {
+            self.check_consistent()?;
         }
         self.store.get(&key)
+    }
+
+    /// PREPARE and COMMIT are refused while an install runs (a member has
+    /// applied past any install's newest chunk, so this is all they need).
+    fn refuse_while_installing(&self) -> Result<()> {
+        if self.installing.load(Ordering::Acquire) {
+            return Err(Error::NotReady(format!("participant {} is installing a snapshot", self.id)));
+        }
+        Ok(())
+    }
+
+    /// Whether local data shows one state of the cluster (not during a
+    /// snapshot install, nor before the replay after one has passed the
+    /// newest chunk). Linearizable reads need a lease, which such a replica
+    /// never has; stale reads check this.
+    fn check_consistent(&self) -> Result<()> {
+        let applied = self.core.lock().unwrap().applied_index();
+        if self.installing.load(Ordering::Acquire) || applied < self.consistent_from.load(Ordering::Acquire) {
+            return Err(Error::NotReady(format!(
+                "participant {} at {} is re-seeding its data from a snapshot of the other replicas (applied {applied}); \
+                 read through another participant, or retry shortly",
+                self.id, self.addr
+            )));
+        }
+        Ok(())
     }
 
     /// A read of a key this replica does not hold: asked of the replicas
@@ -486,7 +533,7 @@ impl Node {
     /// A linearizable range read's wait (a stale one does not wait).
     async fn wait_range_unheld(&self, req: &RangeRequest) -> Result<()> {
         if req.stale {
-            return Ok(());
+            return self.check_consistent();
         }
         let what = || match &req.end {
             Some(end) => format!("range [{}, {})", escape(&req.start), escape(end)),
@@ -676,6 +723,9 @@ impl Node {
             in_doubt: core.in_doubt_ages().into_iter().map(|(t, age)| (t, age * tick_ms)).collect(),
             keys,
             partitions: standing.placement().map_or(0, |p| p.partitions_of(self.id).len() as u64),
+            compacted: 0,
+            log_entries: 0,
+            installing: self.installing.load(Ordering::Acquire).then(|| self.install_keys.load(Ordering::Relaxed)),
         }
     }
 
@@ -684,6 +734,10 @@ impl Node {
         loop {
             self.apply_wake.notified().await;
             loop {
+                let _applying = self.applying.lock().await;
+                if self.installing.load(Ordering::Acquire) {
+                    break;
+                }
                 let batch = self.core.lock().unwrap().next_apply();
                 let Some(last) = batch.last().map(|e| e.index) else {
                     break;
@@ -832,12 +886,20 @@ impl Node {
                     self.store.set_seen_index(i).unwrap_or_else(|e| fatal_storage("recording the seen index", e));
                 }
             }
+            if self.installing.load(Ordering::Acquire) {
+                // This answer's outcomes concern the core the install replaces:
+                // the next check-in asks again.
+                if let Err(e) = self.install_snapshot().await {
+                    warn!(error = %e, "installing a snapshot failed; will resume where it stopped");
+                }
+                continue;
+            }
             for (txn_id, attempt, outcome) in reply.outcomes {
                 // Refusals are logged where they happen; the rest proceeds.
                 let _ = match outcome {
                     Outcome::Committed(index) => self.commit(txn_id, index),
                     Outcome::Aborted => self.abort(txn_id, attempt),
-                    Outcome::Pending => Ok(()),
+                    Outcome::Pending | Outcome::Forgotten(_) => Ok(()),
                 };
             }
             if reply.last_index > applied {
@@ -847,8 +909,19 @@ impl Node {
                     behind_ticks = 0;
                 }
                 if !ready || behind_ticks >= STUCK_TICKS {
-                    if let Err(e) = self.fetch_missing(applied).await {
-                        warn!(error = %e, "catching up failed; will retry");
+                    match self.fetch_missing(applied).await {
+                        Err(Error::Compacted(through)) => {
+                            warn!(
+                                applied,
+                                compacted_through = through,
+                                "the log entries this replica misses were compacted: installing a snapshot from the \
+                                 other replicas"
+                            );
+                            self.installing.store(true, Ordering::Release);
+                            self.catch_up.notify_one();
+                        }
+                        Err(e) => warn!(error = %e, "catching up failed; will retry"),
+                        Ok(()) => {}
                     }
                 }
             } else {
@@ -932,6 +1005,155 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Serves one snapshot chunk to a replica re-seeding itself (see
+    /// [`SnapshotChunk`]): only while this replica is caught up.
+    async fn snapshot(&self, cluster: ClusterId, partitions: Option<Vec<u32>>, start: Key) -> Result<SnapshotChunk> {
+        if !start.is_empty() {
+            treaty_common::types::check_key(&start)?;
+        }
+        let placement = {
+            let standing = self.standing.lock().unwrap();
+            if standing.cluster() != Some(cluster) {
+                return Err(Error::Identity(format!(
+                    "a snapshot of cluster {cluster} was asked of participant {}, which is in another cluster",
+                    self.id
+                )));
+            }
+            if !standing.ready() {
+                return Err(self.not_ready(&standing));
+            }
+            standing.placement()
+        };
+        self.check_consistent()?;
+        let group = SnapshotGroup { partitions, sources: Vec::new() };
+        let placement = match (&group.partitions, placement) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p),
+            (Some(_), None) => return Err(Error::NotReady("this replica does not know the placement yet".into())),
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let req = RangeRequest { start, end: None, limit: SNAPSHOT_CHUNK_KEYS, keys_only: false, stale: true };
+            let page = match &placement {
+                Some(p) => store.range_where(&req, |k| group.keeps(p, k)),
+                None => store.range(&req),
+            }?;
+            Ok(SnapshotChunk::new(page.index, page.entries, page.next))
+        })
+        .await
+        .expect("snapshot task panicked")
+    }
+
+    /// One chunk of `group` from `start` on, from the first of its sources
+    /// that can send it (a different first one per chunk, spreading the
+    /// load), its checksum verified.
+    async fn snapshot_chunk(
+        &self,
+        cluster: ClusterId,
+        group: &SnapshotGroup,
+        start: &[u8],
+        turn: usize,
+    ) -> Result<SnapshotChunk> {
+        let mut failures = Vec::new();
+        for i in 0..group.sources.len() {
+            let id = group.sources[(turn + i) % group.sources.len()];
+            let Some(peer) = self.peer(id) else {
+                failures.push(format!("participant {id}: address not known yet"));
+                continue;
+            };
+            let answer = peer
+                .call(|c: ParticipantServiceClient| {
+                    let (partitions, start) = (group.partitions.clone(), start.to_vec());
+                    async move { c.snapshot(rpc::deadline(Duration::from_secs(10)), cluster, partitions, start).await }
+                })
+                .await;
+            match answer {
+                Ok(chunk) if chunk.digest() == chunk.checksum => return Ok(chunk),
+                Ok(_) => failures.push(format!("participant {id}: the chunk's checksum does not match")),
+                Err(e) => failures.push(format!("participant {id}: {e}")),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no replica could send a snapshot chunk ({}); the install resumes when one can",
+            failures.join("; ")
+        )))
+    }
+
+    /// Installs (or resumes installing) a snapshot of this replica's keys
+    /// (see the module docs); afterwards the core starts over at the
+    /// snapshot's index and the log replay goes on from there.
+    async fn install_snapshot(&self) -> Result<()> {
+        let (cluster, placement) = {
+            let standing = self.standing.lock().unwrap();
+            (standing.cluster(), standing.placement())
+        };
+        let (Some(cluster), Some(placement)) = (cluster, placement) else {
+            return Err(Error::NotReady("the cluster and placement are not known yet".into()));
+        };
+        let participants: Vec<u64> = (1..=self.peers.lock().unwrap().len() as u64).collect();
+        let plan = snapshot_plan(&placement, self.id, &participants);
+        // No apply may run over the copy (see `applier`).
+        let _applying = self.applying.lock().await;
+        self.installing.store(true, Ordering::Release);
+        let store = self.store.clone();
+        let mut at = match store.install()? {
+            Some(at) => {
+                info!(group = at.group, of = plan.len(), "resuming a snapshot install");
+                at
+            }
+            None => store.begin_install()?,
+        };
+        let started = Instant::now();
+        let mut turn = self.id as usize;
+        while at.group < plan.len() {
+            let group = &plan[at.group];
+            let chunk = self.snapshot_chunk(cluster, group, &at.next, turn).await?;
+            turn += 1;
+            let mut next = at.clone();
+            next.low = next.low.min(chunk.index);
+            next.high = next.high.max(chunk.index);
+            match &chunk.next {
+                Some(key) => next.next = key.clone(),
+                None => {
+                    next.group += 1;
+                    next.next = Vec::new();
+                }
+            }
+            let (store, placement, group, start) = (store.clone(), placement.clone(), group.clone(), at.next.clone());
+            let n = chunk.entries.len() as u64;
+            let progress = next.clone();
+            tokio::task::spawn_blocking(move || {
+                let keep = |k: &[u8]| group.keeps(&placement, k);
+                store.install_chunk(&start, chunk.next.as_deref(), &chunk.entries, keep, &progress)
+            })
+            .await
+            .expect("install task panicked")?;
+            self.install_keys.fetch_add(n, Ordering::Relaxed);
+            crash_point!("participant::mid_install");
+            at = next;
+        }
+        store.finish_install(&at)?;
+        let low = store.applied_index()?;
+        let prepared = store.prepared()?;
+        *self.core.lock().unwrap() = ReplicaCore::recover(low, prepared);
+        *self.recent.lock().unwrap() = RecentWrites::new(RECENT_WRITES, low);
+        self.consistent_from.store(store.consistent_from()?, Ordering::Release);
+        self.installing.store(false, Ordering::Release);
+        info!(
+            keys = self.install_keys.swap(0, Ordering::Relaxed),
+            groups = plan.len(),
+            from_index = low,
+            consistent_at = at.high,
+            ms = started.elapsed().as_millis() as u64,
+            "installed a snapshot; replaying the log from its index"
+        );
+        self.bump();
+        self.catch_up.notify_one();
+        Ok(())
+    }
+}
+
 /// Participant ids as a list for messages: `1, 3, 4`.
 fn list(ids: &[u64]) -> String {
     ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
@@ -949,6 +1171,7 @@ impl ParticipantService for Server {
     async fn prepare(self, _: Context, batch: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         self.caller.require_coordinator("PREPARE")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
+        self.node.refuse_while_installing()?;
         self.node.prepare(batch).await
     }
 
@@ -963,6 +1186,7 @@ impl ParticipantService for Server {
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
+        self.node.refuse_while_installing()?;
         let checked = self.node.standing.lock().unwrap().check_decide(cluster, from);
         self.node.checked(checked)?;
         self.node.decide(commits, aborts, skips)
@@ -983,6 +1207,17 @@ impl ParticipantService for Server {
     async fn range_part(self, _: Context, req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart> {
         self.caller.require_participant("a part of a range read across partitions")?;
         self.node.range_part(req, cover, as_of).await
+    }
+
+    async fn snapshot(
+        self,
+        _: Context,
+        cluster: ClusterId,
+        partitions: Option<Vec<u32>>,
+        start: Key,
+    ) -> Result<SnapshotChunk> {
+        self.caller.require_participant("a snapshot chunk")?;
+        self.node.snapshot(cluster, partitions, start).await
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
@@ -1089,6 +1324,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     let replica = store.replica_id()?;
     let following = store.following()?;
     let seen_index = store.seen_index()?;
+    let installing = store.install()?.is_some();
+    let consistent_from = store.consistent_from()?;
+    if installing {
+        warn!("a snapshot install was under way when this replica stopped: it resumes once the coordinator answers");
+    }
     info!(
         id = config.id, %addr, applied, in_doubt = prepared.len(), data_dir = %config.data_dir.display(),
         replica = %format!("{replica:016x}"), "participant starting"
@@ -1132,6 +1372,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         tick: config.tick,
         fatal: fatal_tx,
         lock_wait: config.lock_wait,
+        installing: AtomicBool::new(installing),
+        install_keys: AtomicU64::new(0),
+        consistent_from: AtomicU64::new(consistent_from),
+        applying: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(node.clone().applier());
     tokio::spawn(node.clone().sync_loop(config.tick));

@@ -17,6 +17,7 @@ use treaty_common::rpc::NodeStatus;
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
+        raise_fd_limit();
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
@@ -33,10 +34,44 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Ports that were free a moment ago (bound to port 0, then released).
+/// Ports that were free a moment ago (bound, then released).
+///
+/// The ports come from below the kernel's ephemeral range, so nothing bound
+/// to port 0 afterwards (a test's proxy, an outgoing connection) can take
+/// one while its node is down or not yet started. A process-wide cursor
+/// (starting at a point drawn from the pid and clock) never hands out the
+/// same port twice, and each port is checked free when handed out.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    static CURSOR: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let low = 10_000u32;
+    let high = ephemeral_low().max(low + 1_000);
+    let span = high - low;
+    let mut cursor = CURSOR.lock().unwrap();
+    let next = cursor.get_or_insert_with(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        (std::process::id().wrapping_mul(7919) ^ nanos) % span
+    });
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let port = (low + *next % span) as u16;
+        *next = (*next + 1) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "no {n} free ports between {low} and {high}");
+    ports
+}
+
+/// The lowest port the kernel hands out for port 0 and outgoing connections.
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(32_768)
 }
 
 /// A key's value and version as one replica holds it (`None`: missing).
@@ -384,6 +419,21 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Raises this process's soft open-file limit to its hard limit. A test
+/// process holds every client connection and both ends of every proxied
+/// one, and its nodes inherit the limit; a soft limit of 1024 (a common
+/// default) is close enough to that to fail a busy fault campaign.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(65_536).max(lim.rlim_cur);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Sets the open-file limit of a running process (what `prlimit --pid` does).

@@ -464,6 +464,7 @@ fn run_command(
                                     Outcome::Committed(i) => ("committed", Some(i)),
                                     Outcome::Aborted => ("aborted", None),
                                     Outcome::Pending => ("pending", None),
+                                    Outcome::Forgotten(_) => ("unknown", None),
                                 };
                                 println!("{}", json!({"txn": id.to_string(), "outcome": word, "index": index}));
                             } else {

@@ -88,6 +88,14 @@ fn work(n: &NodeStatus) -> String {
     format!("since start: {} commits, {:.2} syncs and {:.2} RPCs per commit", n.commits, per(n.syncs), per(n.rpcs))
 }
 
+/// "log 1200 entries, compacted through 98800": what the coordinator keeps.
+fn log_note(c: &NodeStatus) -> String {
+    match c.compacted {
+        0 => format!("log {} entries", c.log_entries),
+        through => format!("log {} entries, compacted through {through}", c.log_entries),
+    }
+}
+
 fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()> {
     let c = &s.coordinator;
     writeln!(
@@ -114,7 +122,8 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
     };
     row(out, ["NODE", "ADDRESS", "STATE", "APPLIED", "PREPARED", "LEASE", "KEYS"], "NOTE")?;
     let applied = c.applied_index.to_string();
-    row(out, ["coordinator", &c.addr, "up", &applied, &c.prepared.to_string(), "-", "-"], &work(c))?;
+    let log = format!("{}; {}", log_note(c), work(c));
+    row(out, ["coordinator", &c.addr, "up", &applied, &c.prepared.to_string(), "-", "-"], &log)?;
     for (id, addr, st) in &s.participants {
         let name = format!("participant {id}");
         let in_view = s.members.contains(id);
@@ -124,7 +133,9 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
                 if !in_view {
                     note.push("NOT IN VIEW (catching up to rejoin)".to_string());
                 }
-                if !n.ready {
+                if let Some(keys) = n.installing {
+                    note.push(format!("INSTALLING A SNAPSHOT ({keys} keys copied)"));
+                } else if !n.ready {
                     note.push("CATCHING UP".to_string());
                 }
                 for (t, age) in &n.in_doubt {
@@ -188,6 +199,7 @@ fn node_json(n: &NodeStatus, addr: &str, in_view: bool) -> Value {
         "since_start": {"commits": n.commits, "syncs": n.syncs, "rpcs": n.rpcs},
         "keys": n.keys,
         "partitions": n.partitions,
+        "installing_snapshot": n.installing.map(|keys| json!({"keys_copied": keys})),
     })
 }
 
@@ -198,7 +210,9 @@ fn cluster_json(s: &ClusterStatus) -> Value {
         fields.remove("in_view");
         fields.remove("lease_ms");
         fields.remove("keys");
+        fields.remove("installing_snapshot");
     }
+    coordinator["log"] = json!({"entries": c.log_entries, "compacted_through": c.compacted});
     coordinator["state"] = json!("up");
     coordinator["fenced"] = json!(c.fenced);
     coordinator["accepting_writes"] = json!(c.ready && c.fenced.is_none());

@@ -51,6 +51,11 @@ pub enum Error {
     /// committed, and retrying (same or new id) is safe.
     #[error("not committed: {0}")]
     NotCommitted(String),
+    /// The coordinator's log no longer holds the entries asked for: they
+    /// were compacted through this index. The asking replica installs a
+    /// snapshot from a live replica instead.
+    #[error("log compacted: entries through index {0} are gone; catch up from a snapshot of a live replica")]
+    Compacted(u64),
 }
 
 impl Error {

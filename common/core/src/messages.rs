@@ -83,6 +83,11 @@ pub enum Outcome {
     Aborted,
     /// Still collecting votes: ask again later.
     Pending,
+    /// No record and not running, but decisions at or below this commit
+    /// index were compacted away: it did not commit recently; one submitted
+    /// before the retained window may have (the client API only; a
+    /// participant in doubt gets `Aborted`, see docs/compaction.md).
+    Forgotten(u64),
 }
 
 impl std::fmt::Display for Outcome {
@@ -91,6 +96,11 @@ impl std::fmt::Display for Outcome {
             Outcome::Committed(index) => write!(f, "committed at index {index}"),
             Outcome::Aborted => f.write_str("not committed (it has not taken effect)"),
             Outcome::Pending => f.write_str("still running: ask again shortly"),
+            Outcome::Forgotten(index) => write!(
+                f,
+                "no record: it did not commit recently, but decisions up to index {index} have been compacted, \
+                 so one submitted longer ago may have committed (check the data it wrote)"
+            ),
         }
     }
 }
@@ -206,6 +216,58 @@ pub struct NodeStatus {
     /// Participants: partitions held here (0 until the placement is
     /// known). Coordinator: the cluster's partition count.
     pub partitions: u64,
+    /// Coordinator: its log is compacted through this commit index (0:
+    /// nothing was).
+    pub compacted: u64,
+    /// Coordinator: log entries it holds.
+    pub log_entries: u64,
+    /// Participant: while it installs a snapshot (it fell behind the
+    /// compacted log, or its data was wiped), the keys copied so far.
+    pub installing: Option<u64>,
+}
+
+/// One chunk of a snapshot (see `treaty_core::protocol::compaction`): the
+/// source's keys of the asked partitions from the asked key on, all as of
+/// its applied index `index`, and where the next chunk starts (`None`: the
+/// last one). `checksum` covers the rest ([`SnapshotChunk::digest`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub index: u64,
+    pub entries: Vec<crate::types::RangeEntry>,
+    pub next: Option<crate::types::Key>,
+    pub checksum: u64,
+}
+
+impl SnapshotChunk {
+    pub fn new(index: u64, entries: Vec<crate::types::RangeEntry>, next: Option<crate::types::Key>) -> Self {
+        let mut chunk = SnapshotChunk { index, entries, next, checksum: 0 };
+        chunk.checksum = chunk.digest();
+        chunk
+    }
+
+    /// FNV-1a (64 bit) over the index, every key, version and value (with
+    /// their lengths), and the next key.
+    pub fn digest(&self) -> u64 {
+        let mut h = crate::protocol::Fnv1a::new();
+        let mut eat = |bytes: &[u8]| h.eat(bytes);
+        eat(&self.index.to_be_bytes());
+        for e in &self.entries {
+            eat(&(e.key.len() as u64).to_be_bytes());
+            eat(&e.key);
+            eat(&e.version.to_be_bytes());
+            match &e.value {
+                Some(v) => {
+                    eat(&(v.len() as u64).to_be_bytes());
+                    eat(v);
+                }
+                None => eat(&u64::MAX.to_be_bytes()),
+            }
+        }
+        if let Some(n) = &self.next {
+            eat(n);
+        }
+        h.finish()
+    }
 }
 
 /// The whole cluster as the coordinator sees it.

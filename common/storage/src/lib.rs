@@ -88,10 +88,21 @@ impl<T> Db<T> for std::result::Result<T, sled::Error> {
 /// Where `data` keeps the applied index: no client key is empty.
 const APPLIED_KEY: &[u8] = b"";
 
-fn open_db(dir: &Path) -> Result<sled::Db> {
+/// sled's page cache for a participant: its reads are served from here
+/// first, so it is the larger (sled's default is 1 GiB per process; see
+/// docs/decisions.md "sled's settings").
+pub const REPLICA_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+/// sled's page cache for the coordinator: it writes its log and reads back
+/// only recent entries (catch-up) and decisions (retries).
+pub const COORDINATOR_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Storage(format!("cannot create data dir {}: {e}", dir.display())))?;
-    sled::Config::new().path(dir).open().map_err(|e| {
+    // Every vote and decision is made durable by `Durability::sync`, so
+    // sled's background flush (every 500 ms by default) only bounds how much
+    // unsynced apply work a crash can lose (replayed from the log); it stays.
+    sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(|e| {
         Error::Storage(format!("cannot open data dir {}: {e} (is another Treaty process using it?)", dir.display()))
     })
 }
@@ -256,7 +267,7 @@ impl ReplicaStore {
     /// Opens (or creates) the store of participant `node_id`. Refuses a
     /// directory that belongs to another participant, touching nothing.
     pub fn open(dir: &Path, node_id: u64) -> Result<Self> {
-        let db = open_db(dir)?;
+        let db = open_db(dir, REPLICA_CACHE_BYTES)?;
         let meta = db.open_tree("meta").db()?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"decisions") {
             return Err(Error::Identity(format!(
@@ -470,6 +481,82 @@ impl ReplicaStore {
         self.data.apply_batch(batch).db()
     }
 
+    /// The snapshot install in progress, if one is (see [`Install`]).
+    pub fn install(&self) -> Result<Option<Install>> {
+        self.meta.get("install").db()?.map(|v| decode(&v, "snapshot install")).transpose()
+    }
+
+    /// Starts installing a snapshot over this replica's data: from now
+    /// until [`finish_install`](Self::finish_install) its data is no state
+    /// of the cluster, so it has no applied index, and the marker (flushed
+    /// before this returns) says so after a crash too.
+    pub fn begin_install(&self) -> Result<Install> {
+        let install = Install { low: u64::MAX, high: 0, group: 0, next: Vec::new() };
+        self.meta.insert("install", encode(&install)).db()?;
+        self.meta.remove("applied_index").db()?;
+        self.data.remove(APPLIED_KEY).db()?;
+        self.db.flush().db()?;
+        Ok(install)
+    }
+
+    /// Installs one chunk of a snapshot: afterwards the keys `keep` accepts
+    /// in `[start, end)` (`end` `None`: to the end) are exactly `entries`
+    /// (which lie in that range). Then records `progress`. A crash may lose
+    /// the progress and keep the chunk (sled recovers a prefix of its
+    /// writes, and the chunk is written first); installing it again is
+    /// harmless.
+    pub fn install_chunk(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        entries: &[RangeEntry],
+        keep: impl Fn(&[u8]) -> bool,
+        progress: &Install,
+    ) -> Result<()> {
+        let incoming: HashSet<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
+        let mut batch = sled::Batch::default();
+        let local = match end {
+            Some(end) => self.data.range(start..end),
+            None => self.data.range(start..),
+        };
+        for item in local.keys() {
+            let key = item.db()?;
+            if key.as_ref() != APPLIED_KEY && keep(&key) && !incoming.contains(key.as_ref()) {
+                batch.remove(key);
+            }
+        }
+        for e in entries {
+            let value = e.value.as_deref().ok_or_else(|| Error::Storage("a snapshot chunk without values".into()))?;
+            batch.insert(e.key.as_slice(), encode_versioned(e.version, value));
+        }
+        {
+            let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.data.apply_batch(batch).db()?;
+        }
+        self.meta.insert("install", encode(progress)).db()?;
+        Ok(())
+    }
+
+    /// Ends an install: the data is now the replica's state as of
+    /// `install.low` (every chunk was read at or after it; replaying the
+    /// log from there brings every key to its newest value), and it shows
+    /// one state of the cluster again only once `install.high` is applied
+    /// ([`consistent_from`](Self::consistent_from)). Flushed before it returns.
+    pub fn finish_install(&self, install: &Install) -> Result<()> {
+        let low = if install.low == u64::MAX { 0 } else { install.low };
+        self.meta.insert("consistent_from", &install.high.max(low).to_be_bytes()).db()?;
+        self.data.insert(APPLIED_KEY, &low.to_be_bytes()).db()?;
+        self.meta.remove("install").db()?;
+        self.db.flush().db()?;
+        Ok(())
+    }
+
+    /// The applied index from which local reads show one state of the
+    /// cluster (after a snapshot install, the newest chunk's; 0 otherwise).
+    pub fn consistent_from(&self) -> Result<u64> {
+        Ok(u64_at(&self.meta, "consistent_from")?.unwrap_or(0))
+    }
+
     /// Removes applied transactions' WAL records.
     pub fn retire(&self, entries: &[ApplyEntry]) -> Result<()> {
         let txns: Vec<TxnId> = entries.iter().map(|e| e.txn_id).collect();
@@ -642,6 +729,21 @@ fn parse_id_file(text: &str) -> Option<(ClusterId, Vec<String>)> {
     Some((cluster?, participants?))
 }
 
+/// A snapshot install in progress on a replica, kept in its `meta` tree
+/// until it ends. The chunks come in a fixed plan of groups (a group: keys
+/// of some partitions, read from one of their replicas), each in key order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Install {
+    /// The lowest and highest applied index of a chunk copied so far
+    /// (`u64::MAX` and 0 before the first).
+    pub low: u64,
+    pub high: u64,
+    /// The group being copied (the ones before it are done) ...
+    pub group: usize,
+    /// ... and the key to continue it at.
+    pub next: Vec<u8>,
+}
+
 /// The first outcome of a transaction id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Decision {
@@ -658,6 +760,9 @@ pub struct CoordinatorStore {
     meta: sled::Tree,
     log: sled::Tree,
     decisions: sled::Tree,
+    /// Abort decisions filed by the commit index they came after:
+    /// 8-byte big-endian index ++ 16-byte txn id -> nothing (for compaction).
+    aborts: sled::Tree,
 }
 
 impl CoordinatorStore {
@@ -685,7 +790,7 @@ impl CoordinatorStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::Storage(format!("cannot read {}: {e}", id_file.display()))),
         };
-        let db = open_db(dir)?;
+        let db = open_db(dir, COORDINATOR_CACHE_BYTES)?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"wal") {
             return Err(Error::Identity(format!(
                 "data dir {} belongs to a participant, not the coordinator: give the coordinator its own directory",
@@ -752,6 +857,7 @@ impl CoordinatorStore {
         let store = CoordinatorStore {
             log: db.open_tree("log").db()?,
             decisions: db.open_tree("decisions").db()?,
+            aborts: db.open_tree("aborts").db()?,
             meta,
             dir: dir.to_path_buf(),
             db,
@@ -844,16 +950,81 @@ impl CoordinatorStore {
             .map_err(flatten)
     }
 
-    /// Records that a transaction aborted on a failed condition (unsynced).
-    pub fn record_abort(&self, txn_id: TxnId, reason: &str) -> Result<()> {
+    /// Records that a transaction aborted on a failed condition (unsynced),
+    /// filed under `after`, the last commit index when it was decided: it
+    /// is forgotten when the log is compacted past that index.
+    pub fn record_abort(&self, txn_id: TxnId, reason: &str, after: u64) -> Result<()> {
         self.decisions.insert(txn_id.0.to_be_bytes(), encode(&Decision::Aborted(reason.to_string()))).db()?;
+        let mut key = after.to_be_bytes().to_vec();
+        key.extend_from_slice(&txn_id.0.to_be_bytes());
+        self.aborts.insert(key, &[]).db()?;
         Ok(())
     }
 
+    /// The index through which the log has been compacted (0: nothing was).
+    pub fn compacted_through(&self) -> Result<u64> {
+        Ok(u64_at(&self.meta, "compacted_through")?.unwrap_or(0))
+    }
+
+    /// Removes the log entries with index <= `through`, their commit
+    /// decisions, and the abort decisions filed at or below it; at most
+    /// `max` log entries per call (the caller calls again). Returns the
+    /// index compacted through now. Not synced: a crash can only bring back
+    /// entries that are no longer served, and the next call removes them.
+    ///
+    /// The caller keeps `through` below the last index (the log's end is
+    /// the coordinator's `last_index`) and at or below what every replica
+    /// that may still fetch from the log has applied.
+    pub fn compact(&self, through: u64, max: usize) -> Result<u64> {
+        let done = self.compacted_through()?;
+        if through <= done {
+            return Ok(done);
+        }
+        let (mut log, mut decisions, mut aborts) =
+            (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
+        let mut reached = through;
+        // From the start: entries a crash brought back below the mark go too.
+        for (n, item) in self.log.range(..=through.to_be_bytes()).enumerate() {
+            let (k, v) = item.db()?;
+            let e: LogEntry = decode(&v, "log")?;
+            if n >= max {
+                reached = e.index - 1;
+                break;
+            }
+            log.remove(k);
+            decisions.remove(&e.txn_id.0.to_be_bytes());
+        }
+        if reached <= done {
+            return Ok(done);
+        }
+        for item in self.aborts.range(..(reached + 1).to_be_bytes()) {
+            let (k, _) = item.db()?;
+            decisions.remove(&k[8..]);
+            aborts.remove(k);
+        }
+        // The mark first: from here on nothing at or below it is served.
+        self.meta.insert("compacted_through", &reached.to_be_bytes()).db()?;
+        self.decisions.apply_batch(decisions).db()?;
+        self.aborts.apply_batch(aborts).db()?;
+        self.log.apply_batch(log).db()?;
+        Ok(reached)
+    }
+
+    /// Log entries and decisions held (for status and tests).
+    pub fn log_len(&self) -> (usize, usize) {
+        (self.log.len(), self.decisions.len())
+    }
+
     /// Log entries with index >= `from`, at most `max` of them and about
-    /// `max_bytes` in total (always at least one if any exist).
+    /// `max_bytes` in total (always at least one if any exist). Entries
+    /// already compacted away are an [`Error::Compacted`]: the asker needs
+    /// a snapshot.
     pub fn entries(&self, from: u64, max: u64, max_bytes: usize) -> Result<Vec<LogEntry>> {
-        let mut out = Vec::new();
+        let compacted = self.compacted_through()?;
+        if from <= compacted {
+            return Err(Error::Compacted(compacted));
+        }
+        let mut out: Vec<LogEntry> = Vec::new();
         let mut bytes = 0;
         for item in self.log.range(from.to_be_bytes()..) {
             let (_, v) = item.db()?;
@@ -862,6 +1033,10 @@ impl CoordinatorStore {
             }
             bytes += v.len();
             out.push(decode(&v, "log")?);
+        }
+        // A compaction between reading the mark and the entries.
+        if out.first().is_some_and(|e| e.index != from) {
+            return Err(Error::Compacted(self.compacted_through()?.max(from)));
         }
         Ok(out)
     }
@@ -1153,6 +1328,77 @@ mod tests {
         assert_eq!(c1, c2);
         assert_eq!(s.last_index().unwrap(), 1);
         assert_eq!(s.decision(TxnId(1)).unwrap(), Some(Decision::Committed(1)));
+    }
+
+    #[test]
+    fn compaction_drops_old_entries_and_decisions_and_says_so_to_a_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = CoordinatorStore::open(dir.path(), &["a:1".to_string()]).unwrap();
+        let entry = |i: u64| LogEntry { index: i, txn_id: TxnId(i.into()), writes: vec![] };
+        s.record_commits(&(1..=10).map(entry).collect::<Vec<_>>()).unwrap();
+        s.record_abort(TxnId(1000), "x is 1", 3).unwrap();
+        s.record_abort(TxnId(1001), "y is 2", 8).unwrap();
+        // Two entries per call: the caller calls again.
+        assert_eq!(s.compact(6, 2).unwrap(), 2);
+        assert_eq!(s.compact(6, 10).unwrap(), 6);
+        assert_eq!(s.compact(4, 10).unwrap(), 6, "never backwards");
+        let s = {
+            drop(s);
+            reopen(|| CoordinatorStore::open(dir.path(), &["a:1".to_string()])).unwrap().0
+        };
+        assert_eq!((s.compacted_through().unwrap(), s.last_index().unwrap()), (6, 10));
+        assert_eq!(s.log_len(), (4, 5), "entries 7..=10; their decisions and the abort filed after 8");
+        assert_eq!(s.decision(TxnId(6)).unwrap(), None);
+        assert_eq!(s.decision(TxnId(1000)).unwrap(), None);
+        assert_eq!(s.decision(TxnId(7)).unwrap(), Some(Decision::Committed(7)));
+        assert_eq!(s.decision(TxnId(1001)).unwrap(), Some(Decision::Aborted("y is 2".into())));
+        assert_eq!(s.entries(5, 100, 1 << 20), Err(Error::Compacted(6)));
+        let rest: Vec<u64> = s.entries(7, 100, 1 << 20).unwrap().iter().map(|e| e.index).collect();
+        assert_eq!(rest, [7, 8, 9, 10]);
+        // A crash that lost the removals but kept the mark: entries below it
+        // are not served, and the next compaction removes them.
+        s.log.insert(5u64.to_be_bytes(), encode(&entry(5))).unwrap();
+        assert_eq!(s.entries(5, 100, 1 << 20), Err(Error::Compacted(6)));
+        assert_eq!(s.compact(7, 10).unwrap(), 7);
+        assert_eq!(s.log_len().0, 3);
+    }
+
+    #[test]
+    fn a_snapshot_install_replaces_exactly_its_keys_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        put_all(&s, 4, &[(b"a", b"old"), (b"b", b"gone"), (b"c", b"old"), (b"x/1", b"other group"), (b"z", b"gone")]);
+        let entry = |k: &[u8], v: &[u8], version| RangeEntry { key: k.to_vec(), version, value: Some(v.to_vec()) };
+        assert_eq!(s.begin_install().unwrap().group, 0);
+        assert_eq!(s.applied_index().unwrap(), 0, "no applied index while installing");
+        // Group 0 (keys not under x/), first chunk [start, c): a new, b gone.
+        let not_x = |k: &[u8]| !k.starts_with(b"x/");
+        let mut at = Install { low: 9, high: 9, group: 0, next: b"c".to_vec() };
+        s.install_chunk(b"", Some(b"c"), &[entry(b"a", b"new", 9)], not_x, &at).unwrap();
+        let s = restarted(s, dir.path());
+        assert_eq!(s.install().unwrap(), Some(at.clone()), "progress survives a restart");
+        // Last chunk of the group [c, end): c new, z gone, x/1 (another group) kept.
+        at = Install { low: 7, high: 9, group: 1, next: vec![] };
+        s.install_chunk(b"c", None, &[entry(b"c", b"new", 7)], not_x, &at).unwrap();
+        s.finish_install(&at).unwrap();
+        let s = restarted(s, dir.path());
+        assert_eq!(s.install().unwrap(), None);
+        assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (7, 9));
+        let got: Vec<(Vec<u8>, Vec<u8>, u64)> = s
+            .range(&RangeRequest::prefix(b""))
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| (e.key, e.value.unwrap(), e.version))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (b"a".to_vec(), b"new".to_vec(), 9),
+                (b"c".to_vec(), b"new".to_vec(), 7),
+                (b"x/1".to_vec(), b"other group".to_vec(), 4)
+            ]
+        );
     }
 
     #[test]

@@ -391,6 +391,9 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
                         .push((op.invoked, format!("{op:?} txn {txn_id:?} DROPPED (never committed)")));
                     continue;
                 }
+                Outcome::Forgotten(i) => {
+                    anyhow::bail!("transaction {id}'s decision was compacted (through index {i}) before it was checked")
+                }
                 Outcome::Pending => {
                     let log = cluster.log(0);
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();

@@ -152,6 +152,18 @@ impl Membership {
         &self.config
     }
 
+    /// The lowest applied index a member of the view has reported (0 until
+    /// every member has checked in with this coordinator): the log must
+    /// keep every entry above it.
+    pub fn applied_floor(&self) -> u64 {
+        self.view
+            .members
+            .iter()
+            .map(|id| self.nodes.get(id).filter(|n| n.last_sync.is_some()).map_or(0, |n| n.applied))
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Join index of a member (0 for the original members).
     pub fn min_applied(&self, id: u64) -> u64 {
         self.nodes.get(&id).map_or(0, |n| n.join_index)
@@ -379,6 +391,31 @@ mod tests {
                 sync(m, id, 10, 0, now);
             }
         }
+    }
+
+    #[test]
+    fn the_applied_floor_is_the_lowest_member_and_waits_for_every_member() {
+        let mut m = five(0);
+        for id in 1..=4 {
+            sync(&mut m, id, 100 + id, 0, 10);
+        }
+        assert_eq!(m.applied_floor(), 0, "member 5 has not reported since the start");
+        sync(&mut m, 5, 90, 0, 10);
+        assert_eq!(m.applied_floor(), 90);
+        // Silent, then excluded: it no longer holds the log back.
+        let mut now = 10;
+        while m.view().members.contains(&5) {
+            now += 100;
+            assert!(now < 10_000, "member 5 was never excluded");
+            for id in 1..=4 {
+                ping(&mut m, id, now);
+                sync(&mut m, id, 100 + id, 0, now);
+            }
+            if let Some(change) = m.tick(now, 200) {
+                m.apply(change, 200, now).expect("due");
+            }
+        }
+        assert_eq!(m.applied_floor(), 101);
     }
 
     #[test]

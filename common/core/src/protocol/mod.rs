@@ -22,8 +22,12 @@
 //! * [`ranges`] puts a range page together from the participants holding
 //!   its partitions, all as of one commit index.
 //!
+//! * [`Retention`] says how far the coordinator's log may be compacted;
+//!   [`snapshot_plan`] how a replica behind it copies its keys instead.
+//!
 //! All are exercised exhaustively in microseconds by unit and property tests.
 
+mod compaction;
 mod coordinator;
 mod locks;
 mod membership;
@@ -32,9 +36,11 @@ mod placement;
 pub mod ranges;
 mod replica;
 
+pub use compaction::{snapshot_plan, Retention, SnapshotGroup};
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
 pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
 pub use participant::{ParticipantCore, Persist, JOIN_GAP};
+pub(crate) use placement::Fnv1a;
 pub use placement::{Placement, PlacementSpec, DEFAULT_PARTITIONS};
 pub use replica::{ApplyEntry, CommitStep, PrepareStep, PreparedRecord, ReplicaCore, Writes};
