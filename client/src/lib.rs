@@ -37,8 +37,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-pub use treaty_common::rpc::Outcome;
 use treaty_common::rpc::{self, ClusterStatus, CoordinatorServiceClient, NodeStatus, ParticipantServiceClient, Peer};
+pub use treaty_common::rpc::{MemberChange, Outcome};
 pub use treaty_common::tls::{Expect, Identity, Security};
 pub use treaty_common::types::{prefix_end, RangeEntry, RangePage, RangeRequest, MAX_RANGE_LIMIT};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
@@ -318,6 +318,41 @@ impl Client {
     pub async fn cluster_status(&self) -> Result<ClusterStatus> {
         let timeout = self.timeout.min(Duration::from_secs(5));
         self.with_failover(|c| async move { c.cluster_status(rpc::deadline(timeout)).await }).await
+    }
+
+    /// Adds or removes a participant (needs the client `admin`'s
+    /// certificate). Talks to the coordinator directly and returns, once the
+    /// change is durable, the cluster's status.
+    pub async fn change_members(&self, change: MemberChange) -> Result<ClusterStatus> {
+        let Some(coordinator) = self.coordinator().await else {
+            return Err(Error::Unavailable(
+                "cannot reach the coordinator from here (membership changes go to it directly); check that it \
+                 runs and that its address, as the participants know it, is reachable from this machine"
+                    .into(),
+            ));
+        };
+        let timeout = Duration::from_secs(25);
+        let coordinator =
+            Peer::new(coordinator.name.clone(), coordinator.addr.clone(), self.security.clone(), Expect::Coordinator)
+                .with_max_call(timeout + Duration::from_secs(5));
+        coordinator
+            .call_raw(|c: CoordinatorServiceClient| {
+                let change = change.clone();
+                async move { c.change_members(rpc::deadline(timeout), change).await }
+            })
+            .await?
+    }
+
+    /// The status of whichever node of this cluster answers at `addr` (not
+    /// necessarily one of this client's endpoints).
+    pub async fn node_status_at(&self, addr: &str) -> Result<NodeStatus> {
+        let peer = Peer::<ParticipantServiceClient>::new(
+            format!("node at {addr}"),
+            addr.to_string(),
+            self.security.clone(),
+            Expect::AnyNode,
+        );
+        peer.call_raw(|c| async move { c.node_status(rpc::deadline(Duration::from_secs(3))).await }).await
     }
 
     /// Each endpoint's own status (works without the coordinator).

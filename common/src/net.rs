@@ -585,6 +585,13 @@ impl Caller {
         })
     }
 
+    /// Refuses unless the caller is the client `admin` (or security is off).
+    pub fn require_admin(&self, what: &str) -> Result<()> {
+        self.require(what, "the client `admin` (its certificate client-admin.pem)", |id| {
+            *id == Identity::Client(crate::tls::DEFAULT_CLIENT.into())
+        })
+    }
+
     fn require(&self, what: &str, who: &str, allowed: impl Fn(&Identity) -> bool) -> Result<()> {
         match self {
             Caller::Unauthenticated => Ok(()),

@@ -6,8 +6,8 @@
 //! * participant: `prepare`, `commit`, `abort` only from the coordinator;
 //!   everything else from anyone authenticated.
 //! * coordinator: `sync` and `fetch_log` only from participants (and `sync`
-//!   only for the id the certificate names); everything else from anyone
-//!   authenticated.
+//!   only for the id the certificate names); `change_members` only from the
+//!   client `admin`; everything else from anyone authenticated.
 
 use crate::error::Result;
 use crate::types::{Committed, Key, RangePage, RangeRequest, Txn, TxnId, Versioned};
@@ -75,6 +75,11 @@ pub trait CoordinatorService {
     async fn outcome(txn_id: TxnId) -> Result<Outcome>;
     /// The coordinator's own status (cheap: asks nobody else).
     async fn node_status() -> NodeStatus;
+    /// Adds or removes a participant (only from client `admin`). Returns
+    /// once the change is durable: an added participant is then joining
+    /// (it catches up and enters the view by itself), a removed member is
+    /// leaving (it is excluded once its read lease has run out).
+    async fn change_members(change: MemberChange) -> Result<ClusterStatus>;
 }
 
 crate::rpc_client!(ParticipantServiceClient);

@@ -42,11 +42,12 @@
 
 pub mod cli;
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tarpc::context::Context;
@@ -57,11 +58,11 @@ use tracing::{error, info, warn};
 use treaty_common::crash_point;
 use treaty_common::net::{self, Caller, ServeConfig};
 use treaty_common::protocol::{
-    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, Placement, Retention, View,
-    DEFAULT_PARTITIONS,
+    Action, CoordinatorCore, CoreConfig, Decisions, Membership, MembershipConfig, Outcomes, Placement, Retention,
+    Roster, View, DEFAULT_PARTITIONS,
 };
 use treaty_common::rpc::{
-    self, ClusterId, ClusterStatus, CoordinatorService, Incarnation, LogEntry, NodeStatus, Outcome,
+    self, ClusterId, ClusterStatus, CoordinatorService, Incarnation, LogEntry, MemberChange, NodeStatus, Outcome,
     ParticipantServiceClient, Peer, PrepareBatch, SyncReply, SyncRequest,
 };
 use treaty_common::tls::{Expect, Security};
@@ -136,8 +137,9 @@ struct Coordinator {
     incarnation: Incarnation,
     addr: String,
     store: CoordinatorStore,
-    /// Participants 1..=N, in id order.
-    peers: Vec<Arc<Peer<ParticipantServiceClient>>>,
+    /// Connections to the participants of the roster (removed ones
+    /// dropped), by id.
+    peers: RwLock<BTreeMap<u64, Arc<Peer<ParticipantServiceClient>>>>,
     /// The protocol (lock order: this before nothing else).
     protocol: Mutex<Protocol>,
     /// Decision batches for the persister task.
@@ -216,13 +218,16 @@ impl Coordinator {
                     tokio::spawn(async move {
                         crash_point!("coordinator::before_prepare");
                         let timeout = me.config.prepare_timeout;
-                        let peer = me.peers[to as usize - 1].clone();
-                        let answer = peer
-                            .call(|c: ParticipantServiceClient| {
-                                let req = req.clone();
-                                async move { c.prepare(rpc::deadline(timeout), req).await }
-                            })
-                            .await;
+                        let answer = match me.peer(to) {
+                            Some(peer) => {
+                                peer.call(|c: ParticipantServiceClient| {
+                                    let req = req.clone();
+                                    async move { c.prepare(rpc::deadline(timeout), req).await }
+                                })
+                                .await
+                            }
+                            None => Err(Error::Unavailable(format!("participant {to} is no longer in the cluster"))),
+                        };
                         me.step(|core, now| core.prepared(to, batch, answer, now));
                     });
                 }
@@ -237,16 +242,19 @@ impl Coordinator {
                 Action::Decide { to, commits: _, aborts, skips: _ } => {
                     self.send_decide(vec![(to, vec![], aborts, vec![])], false)
                 }
-                Action::PersistView(view) => {
+                Action::PersistView(view, roster) => {
                     let me = self.clone();
                     tokio::spawn(async move {
                         let t0 = Instant::now();
                         let store = me.store.clone();
-                        let v = view.clone();
-                        let r = tokio::task::spawn_blocking(move || store.set_view(&v)).await.expect("set_view task");
+                        let (v, r) = (view.clone(), roster.clone());
+                        let r = tokio::task::spawn_blocking(move || store.set_membership(&v, &r))
+                            .await
+                            .expect("set_membership task");
                         if let Err(e) = r {
                             fatal_storage("recording a view change", e);
                         }
+                        me.set_peers(&roster);
                         info!(
                             epoch = view.epoch, members = ?view.members, replicas = view.replicas.len(),
                             persist_ms = t0.elapsed().as_secs_f64() * 1000.0, "view changed"
@@ -271,8 +279,9 @@ impl Coordinator {
             let cluster = me.cluster;
             let inc = me.incarnation;
             let send = |(to, commits, aborts, skips): Outcomes| {
-                let peer = me.peers[to as usize - 1].clone();
+                let peer = me.peer(to);
                 async move {
+                    let Some(peer) = peer else { return };
                     let r = peer
                         .call(|c: ParticipantServiceClient| {
                             let (commits, aborts, skips) = (commits.clone(), aborts.clone(), skips.clone());
@@ -328,14 +337,78 @@ impl Coordinator {
         rx.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is shutting down".into())))
     }
 
-    fn sync(self: &Arc<Self>, caller: &Caller, req: SyncRequest) -> Result<SyncReply> {
-        let n = self.peers.len() as u64;
-        if req.node_id == 0 || req.node_id > n {
-            return Err(Error::Identity(format!(
-                "this cluster has participants 1..={n}; there is no participant {}: check --id",
-                req.node_id
-            )));
+    /// The connection to participant `id`, unless it was removed.
+    fn peer(&self, id: u64) -> Option<Arc<Peer<ParticipantServiceClient>>> {
+        self.peers.read().unwrap().get(&id).cloned()
+    }
+
+    /// Connects to participants added to the roster and drops removed ones.
+    fn set_peers(&self, roster: &Roster) {
+        let live = roster.live();
+        let mut peers = self.peers.write().unwrap();
+        peers.retain(|id, p| live.get(id) == Some(&p.addr));
+        for (id, addr) in live {
+            peers.entry(id).or_insert_with(|| Arc::new(participant_peer(&self.config, id, &addr)));
         }
+    }
+
+    /// An operator's membership change: checks that an added participant
+    /// answers at its address as itself, queues the change, and returns
+    /// once it is durable.
+    async fn change_members(self: &Arc<Self>, change: MemberChange) -> Result<ClusterStatus> {
+        if let MemberChange::Add { id, addr } = &change {
+            if *id == 0 {
+                return Err(Error::Invalid("participant ids start at 1".into()));
+            }
+            let port = addr.rsplit_once(':').filter(|(h, _)| !h.is_empty()).map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p > 0) {
+                return Err(Error::Invalid(format!("{addr:?} is not a HOST:PORT address")));
+            }
+            let probe = participant_peer(&self.config, *id, addr);
+            let known = self.protocol.lock().unwrap().core.membership().roster().state(*id).is_some();
+            if !known {
+                probe
+                    .call_raw(|c: ParticipantServiceClient| async move {
+                        c.ping(rpc::deadline(Duration::from_secs(3))).await
+                    })
+                    .await
+                    .map_err(|e| {
+                        Error::Unavailable(format!(
+                            "participant {id} does not answer at {addr} ({e}): start it first (treaty-participant \
+                             --id {id} --listen ADDR --data-dir DIR --coordinator {} with its certificate), then \
+                             add it",
+                            self.addr
+                        ))
+                    })?;
+            }
+        }
+        let id = match &change {
+            MemberChange::Add { id, .. } | MemberChange::Remove { id } => *id,
+        };
+        self.step(|core, _| core.change_members(&change))?;
+        info!(?change, "membership change requested");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            {
+                let p = self.protocol.lock().unwrap();
+                if !p.core.membership().request_pending(id) && p.core.view_settled() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(
+                    "the change is still waiting for transactions in flight to finish; `treaty status` shows when \
+                     it is made (asking again is safe)"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        info!(?change, "membership change recorded");
+        Ok(self.status().await)
+    }
+
+    fn sync(self: &Arc<Self>, caller: &Caller, req: SyncRequest) -> Result<SyncReply> {
         if let Some(id) = caller.require_participant("checking in (sync)")? {
             if id != req.node_id {
                 return Err(Error::Denied(format!(
@@ -357,6 +430,7 @@ impl Coordinator {
         let me = self.clone();
         self.step(move |core, now| {
             let was_fenced = core.is_fenced();
+            core.set_installing(req.node_id, req.installing);
             let grant = core.on_sync(
                 req.node_id,
                 req.replica,
@@ -391,7 +465,7 @@ impl Coordinator {
                 lease_ms: grant.lease_ms,
                 min_applied: grant.min_applied,
                 placement: core.placement().spec().clone(),
-                participants: me.config.participants.clone(),
+                participants: core.membership().participants(),
             })
         })
     }
@@ -440,6 +514,7 @@ impl Coordinator {
             }
             let now = self.compacted.load(Ordering::Acquire);
             if now > from {
+                self.step(|core, _| core.log_compacted(now));
                 tracing::debug!(from, through = now, ms = t0.elapsed().as_millis() as u64, "compacted the log");
             }
         }
@@ -449,15 +524,17 @@ impl Coordinator {
     /// participant (one ping in flight per participant).
     async fn monitor(self: Arc<Self>) {
         let tick = Duration::from_millis(100);
-        let pinging: Arc<Vec<std::sync::atomic::AtomicBool>> =
-            Arc::new((0..self.peers.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect());
+        let mut pinging: HashMap<u64, Arc<std::sync::atomic::AtomicBool>> = HashMap::new();
         loop {
             tokio::time::sleep(tick).await;
-            for (i, p) in self.peers.iter().enumerate() {
-                if pinging[i].swap(true, Ordering::AcqRel) {
+            let peers = self.peers.read().unwrap().clone();
+            pinging.retain(|id, _| peers.contains_key(id));
+            for (id, p) in peers {
+                let flag = pinging.entry(id).or_default().clone();
+                if flag.swap(true, Ordering::AcqRel) {
                     continue;
                 }
-                let (me, p, pinging) = (self.clone(), p.clone(), pinging.clone());
+                let me = self.clone();
                 tokio::spawn(async move {
                     let replica = p
                         .call_raw(|c: ParticipantServiceClient| async move {
@@ -465,8 +542,8 @@ impl Coordinator {
                         })
                         .await
                         .ok();
-                    me.step(|core, now| core.on_ping(i as u64 + 1, replica, now));
-                    pinging[i].store(false, Ordering::Release);
+                    me.step(|core, now| core.on_ping(id, replica, now));
+                    flag.store(false, Ordering::Release);
                 });
             }
             self.step(|core, now| core.tick(now));
@@ -505,31 +582,30 @@ impl Coordinator {
     }
 
     async fn status(&self) -> ClusterStatus {
-        let statuses = futures::future::join_all(self.peers.iter().map(|p| async move {
-            p.call_infallible(|c: ParticipantServiceClient| async move {
-                c.node_status(rpc::deadline(Duration::from_secs(1))).await
-            })
-            .await
+        let peers = self.peers.read().unwrap().clone();
+        let statuses = futures::future::join_all(peers.iter().map(|(id, p)| async move {
+            let s = p
+                .call_infallible(|c: ParticipantServiceClient| async move {
+                    c.node_status(rpc::deadline(Duration::from_secs(1))).await
+                })
+                .await;
+            (*id, p.addr.clone(), s.map_err(|e| e.to_string()))
         }))
         .await;
-        let (members, min_replicas, placement) = {
+        let (members, min_replicas, placement, roster) = {
             let p = self.protocol.lock().unwrap();
             let m = p.core.membership();
             let placement = p.core.placement().spec().clone();
-            (m.view().members.iter().copied().collect(), m.config().min_replicas as u64, placement)
+            let roster = m.roster().nodes.iter().map(|(id, e)| (*id, e.state)).collect();
+            (m.view().members.iter().copied().collect(), m.config().min_replicas as u64, placement, roster)
         };
         ClusterStatus {
             coordinator: self.node_status(),
             members,
             min_replicas,
             placement,
-            participants: self
-                .peers
-                .iter()
-                .zip(statuses)
-                .enumerate()
-                .map(|(i, (p, s))| (i as u64 + 1, p.addr.clone(), s.map_err(|e| e.to_string())))
-                .collect(),
+            participants: statuses,
+            roster,
         }
     }
 }
@@ -623,6 +699,23 @@ impl CoordinatorService for Server {
     async fn outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
         self.coord.outcome(txn_id)
     }
+
+    async fn change_members(self, _: Context, change: MemberChange) -> Result<ClusterStatus> {
+        self.caller.require_admin("adding or removing participants")?;
+        self.coord.change_members(change).await
+    }
+}
+
+/// The connection to participant `id` at `addr`.
+fn participant_peer(config: &Config, id: u64, addr: &str) -> Peer<ParticipantServiceClient> {
+    let max_call = config.prepare_timeout.max(Duration::from_secs(2)) + Duration::from_secs(1);
+    let peer = Peer::new(
+        format!("participant {id} at {addr}"),
+        addr.to_string(),
+        config.security.clone(),
+        Expect::Participant(id),
+    );
+    peer.with_max_call(max_call)
 }
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -645,22 +738,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     // What a killed process left written but unsynced is in the file now and
     // is about to be served as durable: make it so.
     durability.sync()?;
-    let peers = config
-        .participants
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let max_call = config.prepare_timeout.max(Duration::from_secs(2)) + Duration::from_secs(1);
-            let id = i as u64 + 1;
-            let peer = Peer::new(
-                format!("participant {id} at {a}"),
-                a.clone(),
-                config.security.clone(),
-                Expect::Participant(id),
-            );
-            Arc::new(peer.with_max_call(max_call))
-        })
-        .collect();
     let n = config.participants.len() as u64;
     let view = match store.view()? {
         Some(v) => v,
@@ -670,17 +747,26 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             v
         }
     };
-    info!(epoch = view.epoch, members = ?view.members, "view restored");
+    let roster = store.roster()?.unwrap_or_else(|| Roster::initial(&config.participants));
+    info!(epoch = view.epoch, members = ?view.members, participants = ?roster.live(), "view restored");
     let (replication, partitions) = store.placement(config.replication, n as usize, DEFAULT_PARTITIONS)?;
-    let placement = Placement::new((1..=n).collect(), replication, partitions);
-    if !placement.is_full() {
+    // Full copies: every participant of the roster (it changes with `treaty member`).
+    let placement = if replication >= n as usize {
+        let ids: Vec<u64> = roster.live().into_keys().collect();
+        let live = ids.len();
+        Placement::new(ids, live, partitions)
+    } else {
         info!(replication, partitions, "keys are partitioned");
-    }
+        Placement::new((1..=n).collect(), replication, partitions)
+    };
     let mut core_config = CoreConfig::partitioned(placement, config.membership.min_replicas);
     core_config.prepare_timeout_ms = config.prepare_timeout.as_millis() as u64;
     core_config.lock_timeout_ms = config.lock_timeout.as_millis() as u64;
     core_config.max_in_flight = config.prepare_pipeline;
-    let membership = Membership::new(view, n, config.membership, 0);
+    let peers =
+        roster.live().into_iter().map(|(id, addr)| (id, Arc::new(participant_peer(&config, id, &addr)))).collect();
+    let mut membership = Membership::new(view, roster, config.membership, 0);
+    membership.set_log_start(store.compacted_through()?);
     let core = CoordinatorCore::new(core_config, incarnation, history, membership, last);
     let serve_config = ServeConfig {
         max_connections: config.max_connections,
@@ -695,7 +781,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         incarnation,
         addr,
         store,
-        peers,
+        peers: RwLock::new(peers),
         protocol: Mutex::new(Protocol { core, waiters: HashMap::new() }),
         persist: persist_tx,
         last_index: AtomicU64::new(last),

@@ -36,6 +36,7 @@
 
 pub mod cli;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,7 +68,8 @@ use treaty_storage::{GroupSync, ReplicaStore};
 /// How a participant is configured (flags / `TREATY_*` variables).
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// 1..=N: this replica's position in the coordinator's `--participants`.
+    /// This replica's id: its position in the coordinator's `--participants`, or the id
+    /// it was added under (`treaty member add`).
     pub id: u64,
     pub data_dir: PathBuf,
     /// The coordinator's address.
@@ -112,6 +114,9 @@ const RECENT_WRITES: usize = 1 << 16;
 /// A range page across partitions is asked as of a newer index at most this
 /// many times before the read gives up (its keys keep changing).
 const RANGE_ROUNDS: usize = 8;
+/// An empty replica more than this many commits behind installs a snapshot
+/// instead of replaying the log.
+const SNAPSHOT_WHEN_EMPTY: u64 = 1_000;
 /// Keys per snapshot chunk at most (and about `RANGE_PAGE_BYTES`).
 const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 /// Status shows a key count at most this old (counting reads every key;
@@ -140,7 +145,7 @@ struct Node {
     coordinator: Peer<CoordinatorServiceClient>,
     /// The other participants, in id order, as the coordinator last named
     /// them: reads of keys this replica does not hold go to their replicas.
-    peers: Mutex<Vec<Arc<Peer<ParticipantServiceClient>>>>,
+    peers: Mutex<BTreeMap<u64, Arc<Peer<ParticipantServiceClient>>>>,
     security: Security,
     /// Keys written by recent commits (kept while keys are partitioned).
     recent: Mutex<RecentWrites>,
@@ -421,26 +426,26 @@ impl Node {
 
     /// The connection to participant `id`, once the coordinator named it.
     fn peer(&self, id: u64) -> Option<Arc<Peer<ParticipantServiceClient>>> {
-        let index = usize::try_from(id).ok()?.checked_sub(1)?;
-        self.peers.lock().unwrap().get(index).cloned()
+        self.peers.lock().unwrap().get(&id).cloned()
     }
 
-    /// Connects to the participants at `addrs` (in id order) unless it already does.
-    fn set_peers(&self, addrs: &[String]) {
+    /// Connects to the participants at `addrs` unless it already does (and
+    /// drops removed ones).
+    fn set_peers(&self, addrs: &BTreeMap<u64, String>) {
         let mut peers = self.peers.lock().unwrap();
-        if peers.iter().map(|p| &p.addr).eq(addrs.iter()) {
+        if peers.iter().map(|(id, p)| (id, &p.addr)).eq(addrs.iter()) {
             return;
         }
-        *peers = (1u64..)
-            .zip(addrs)
-            .map(|(id, addr)| {
+        *peers = addrs
+            .iter()
+            .map(|(&id, addr)| {
                 let peer = Peer::new(
                     format!("participant {id} at {addr}"),
                     addr.clone(),
                     self.security.clone(),
                     Expect::Participant(id),
                 );
-                Arc::new(peer.with_max_call(self.lock_wait + Duration::from_secs(3)))
+                (id, Arc::new(peer.with_max_call(self.lock_wait + Duration::from_secs(3))))
             })
             .collect();
     }
@@ -810,6 +815,7 @@ impl Node {
                 undecided,
                 applied_index: applied,
                 in_doubt,
+                installing: self.installing.load(Ordering::Acquire),
             };
             let reply = self
                 .coordinator
@@ -830,6 +836,15 @@ impl Node {
                 Err(Error::Identity(msg)) => {
                     let _ = self.fatal.send(msg);
                     return;
+                }
+                Err(e @ Error::NotMember(_)) => {
+                    // Started before `treaty member add`: wait for it.
+                    unreachable_since = None;
+                    if !warned {
+                        warn!(error = %e, "waiting to be admitted");
+                        warned = true;
+                    }
+                    continue;
                 }
                 Err(e @ (Error::Fenced(_) | Error::Denied(_))) => {
                     // Not this replica's fault: keep its data, keep asking.
@@ -908,7 +923,16 @@ impl Node {
                 } else {
                     behind_ticks = 0;
                 }
-                if !ready || behind_ticks >= STUCK_TICKS {
+                if applied == 0 && reply.last_index > SNAPSHOT_WHEN_EMPTY && !self.installing.load(Ordering::Acquire) {
+                    // A new (or wiped) replica far behind: a snapshot of the
+                    // data, not a replay of all history.
+                    info!(
+                        last_index = reply.last_index,
+                        "this replica is empty: installing a snapshot from the others"
+                    );
+                    self.installing.store(true, Ordering::Release);
+                    self.catch_up.notify_one();
+                } else if !ready || behind_ticks >= STUCK_TICKS {
                     match self.fetch_missing(applied).await {
                         Err(Error::Compacted(through)) => {
                             warn!(
@@ -928,7 +952,7 @@ impl Node {
                 behind_ticks = 0;
             }
             last_applied = applied;
-            if !ready {
+            if !ready && !self.installing.load(Ordering::Acquire) {
                 let mut standing = self.standing.lock().unwrap();
                 let (applied, in_doubt) = {
                     let core = self.core.lock().unwrap();
@@ -1091,7 +1115,7 @@ impl Node {
         let (Some(cluster), Some(placement)) = (cluster, placement) else {
             return Err(Error::NotReady("the cluster and placement are not known yet".into()));
         };
-        let participants: Vec<u64> = (1..=self.peers.lock().unwrap().len() as u64).collect();
+        let participants: Vec<u64> = self.peers.lock().unwrap().keys().copied().collect();
         let plan = snapshot_plan(&placement, self.id, &participants);
         // No apply may run over the copy (see `applier`).
         let _applying = self.applying.lock().await;
@@ -1363,7 +1387,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             Expect::Coordinator,
         )
         .with_max_call(Duration::from_secs(21)),
-        peers: Mutex::new(Vec::new()),
+        peers: Mutex::new(BTreeMap::new()),
         security: config.security.clone(),
         recent: Mutex::new(RecentWrites::new(RECENT_WRITES, applied)),
         keys: tokio::sync::Mutex::new(None),

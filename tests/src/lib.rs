@@ -91,6 +91,11 @@ pub struct Cluster {
     pub route_to_coordinator: Option<Vec<String>>,
     /// Run every node with `--insecure` instead of TLS (set before spawning).
     pub insecure: bool,
+    /// Participants the cluster was created with (the coordinator's
+    /// `--participants`); later ones were added with `treaty member add`.
+    initial: usize,
+    /// Participants removed for good: left out of the helpers below.
+    removed: std::collections::BTreeSet<usize>,
 }
 
 impl Cluster {
@@ -129,7 +134,32 @@ impl Cluster {
             route_to_participant: None,
             route_to_coordinator: None,
             insecure: false,
+            initial: n,
+            removed: Default::default(),
         }
+    }
+
+    /// Makes room for one more participant (the next id, with its own port
+    /// and certificate) without starting it; returns its id.
+    pub fn add_node(&mut self) -> usize {
+        let id = self.ports.len();
+        if !self.insecure {
+            treaty_common::tls::issue(&self.certs_dir(), &Identity::Participant(id as u64))
+                .expect("issuing a participant certificate");
+        }
+        self.ports.push(free_ports(1)[0]);
+        self.procs.push(None);
+        id
+    }
+
+    /// Participant `i` was removed for good: the helpers leave it out.
+    pub fn mark_removed(&mut self, i: usize) {
+        self.removed.insert(i);
+    }
+
+    /// Participants not removed, in id order.
+    pub fn live(&self) -> Vec<usize> {
+        (1..=self.n()).filter(|i| !self.removed.contains(i)).collect()
     }
 
     /// The cluster's certificates (CA, every node, client `admin`).
@@ -180,7 +210,7 @@ impl Cluster {
     }
 
     pub fn participant_addrs(&self) -> Vec<String> {
-        (1..=self.n()).map(|i| self.addr(i)).collect()
+        self.live().into_iter().map(|i| self.addr(i)).collect()
     }
 
     /// The command line that starts node `i`.
@@ -189,7 +219,8 @@ impl Cluster {
         if i == 0 {
             cmd = Command::new(binary("treaty-coordinator"));
             cmd.arg("--listen").arg(self.addr(0)).arg("--data-dir").arg(self.data_dir(0));
-            let targets = self.route_to_participant.clone().unwrap_or_else(|| self.participant_addrs());
+            let initial = (1..=self.initial).map(|i| self.addr(i)).collect();
+            let targets = self.route_to_participant.clone().unwrap_or(initial);
             cmd.arg("--participants").arg(targets.join(","));
             cmd.args(&self.coordinator_args);
         } else {
@@ -295,18 +326,18 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut indexes = Vec::new();
-            for i in 1..=self.n() {
+            for i in self.live() {
                 match self.status(i).await {
                     // Ready, and holding a read lease (so it serves reads).
                     Some(s) if s.ready && s.lease_ms.is_some() => indexes.push(s.applied_index),
                     _ => {}
                 }
             }
-            if indexes.len() == self.n() && indexes.iter().all(|x| *x == indexes[0]) {
+            if indexes.len() == self.live().len() && indexes.iter().all(|x| *x == indexes[0]) {
                 // ... and the view holds every participant again.
                 let status = self.client().cluster_status().await;
                 if let Ok(s) = status {
-                    if s.coordinator.applied_index == indexes[0] && s.members.len() == self.n() {
+                    if s.coordinator.applied_index == indexes[0] && s.members.len() == self.live().len() {
                         return indexes[0];
                     }
                 }
@@ -328,12 +359,12 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let mut indexes = Vec::new();
-            for i in 1..=self.n() {
+            for i in self.live() {
                 if let Some(s) = self.status(i).await {
                     indexes.push(s.applied_index);
                 }
             }
-            if indexes.len() == self.n() && indexes.iter().all(|x| *x == indexes[0]) {
+            if indexes.len() == self.live().len() && indexes.iter().all(|x| *x == indexes[0]) {
                 match self.client().cluster_status().await {
                     Ok(s) if s.coordinator.applied_index != indexes[0] => {}
                     _ => return true,
@@ -353,7 +384,7 @@ impl Cluster {
         // Not converging is reported by the comparison below.
         self.wait_applied(Duration::from_secs(10)).await;
         let mut first: Option<Vec<Entry>> = None;
-        for i in 1..=self.n() {
+        for i in self.live() {
             let c = self.client_for(i);
             let mut values = Vec::new();
             for k in keys {

@@ -138,6 +138,7 @@ async fn a_client_or_participant_certificate_cannot_act_as_another_node() {
         undecided: 0,
         applied_index: 0,
         in_doubt: vec![],
+        installing: false,
     };
     assert!(matches!(coord.sync(ctx(), sync(2)).await.unwrap(), Err(Error::Denied(_))));
 

@@ -14,6 +14,7 @@ use treaty_common::types::escape;
 mod batch;
 mod bench;
 mod demo;
+mod member;
 mod repl;
 mod script;
 mod status;
@@ -101,6 +102,12 @@ enum Command {
     Cas { key: String, expected: String, new: String },
     /// Show every node: up or down, role, applied commit index, keys held.
     Status,
+    /// Add or remove a participant while the cluster runs (needs the client
+    /// `admin` certificate; see docs/membership.md).
+    Member {
+        #[command(subcommand)]
+        action: member::MemberAction,
+    },
     /// Which partition KEY is in and which participants hold it.
     Placement { key: String },
     /// What became of a transaction (by the id an error message named):
@@ -202,7 +209,7 @@ fn list_range(client: &Client, rt: &tokio::runtime::Runtime, r: &script::RangeCm
     }
 }
 
-fn exit_code(e: &Error) -> i32 {
+pub(crate) fn exit_code(e: &Error) -> i32 {
     match e {
         Error::Invalid(_) | Error::Denied(_) => 2,
         Error::Unavailable(_) | Error::NotReady(_) | Error::Fenced(_) | Error::NotCommitted(_) => 3,
@@ -432,6 +439,7 @@ fn run_command(
                     let condition = Condition::ValueEquals(key.clone(), expected.into_bytes());
                     commit(&client, &rt, vec![condition], vec![Write::Put(key, new.into_bytes())], json)
                 }
+                Command::Member { action } => rt.block_on(member::run(&client, action, json)),
                 Command::Status => {
                     let mut out = std::io::stdout().lock();
                     rt.block_on(status::report(&client, json, &mut out))

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use serde_json::{json, Value};
 use treaty_client::Client;
-use treaty_common::protocol::{Placement, PlacementSpec};
+use treaty_common::protocol::{Placement, PlacementSpec, RosterState};
 use treaty_common::rpc::{ClusterStatus, NodeStatus};
 use treaty_common::types::escape;
 
@@ -127,10 +127,17 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
     for (id, addr, st) in &s.participants {
         let name = format!("participant {id}");
         let in_view = s.members.contains(id);
+        let change = match roster_state(s, *id) {
+            RosterState::Joining => Some("JOINING (added: catching up to enter the view)"),
+            RosterState::Leaving => Some("LEAVING (removed: excluded once its read lease runs out)"),
+            _ => None,
+        };
         match st {
             Ok(n) => {
                 let mut note = Vec::new();
-                if !in_view {
+                if let Some(change) = change {
+                    note.push(change.to_string());
+                } else if !in_view {
                     note.push("NOT IN VIEW (catching up to rejoin)".to_string());
                 }
                 if let Some(keys) = n.installing {
@@ -152,12 +159,23 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
                 row(out, cols, &note.join("; "))?;
             }
             Err(e) => {
-                let note = format!("{}{e}", if in_view { "" } else { "NOT IN VIEW; " });
+                let state = change.map(|c| format!("{c}; ")).unwrap_or_default();
+                let note = format!("{state}{}{e}", if in_view || change.is_some() { "" } else { "NOT IN VIEW; " });
                 row(out, [&name, addr, "down", "-", "-", "-", "-"], &note)?;
             }
         }
     }
+    let removed: Vec<String> =
+        s.roster.iter().filter(|(_, st)| *st == RosterState::Removed).map(|(id, _)| id.to_string()).collect();
+    if !removed.is_empty() {
+        writeln!(out, "removed for good: participant {}", removed.join(", "))?;
+    }
     Ok(())
+}
+
+/// A participant's place in the roster (active if the coordinator did not say).
+pub(crate) fn roster_state(s: &ClusterStatus, id: u64) -> RosterState {
+    s.roster.iter().find(|(i, _)| *i == id).map_or(RosterState::Active, |(_, st)| *st)
 }
 
 fn endpoints_table(
@@ -219,12 +237,17 @@ fn cluster_json(s: &ClusterStatus) -> Value {
     let participants: Vec<Value> = s
         .participants
         .iter()
-        .map(|(id, addr, st)| match st {
-            Ok(n) => node_json(n, addr, s.members.contains(id)),
-            Err(e) => json!({"id": id, "role": "participant", "addr": addr, "state": "down",
-                             "in_view": s.members.contains(id), "error": e}),
+        .map(|(id, addr, st)| {
+            let mut v = match st {
+                Ok(n) => node_json(n, addr, s.members.contains(id)),
+                Err(e) => json!({"id": id, "role": "participant", "addr": addr, "state": "down",
+                                 "in_view": s.members.contains(id), "error": e}),
+            };
+            v["membership"] = json!(roster_state(s, *id).to_string());
+            v
         })
         .collect();
+    let removed: Vec<u64> = s.roster.iter().filter(|(_, st)| *st == RosterState::Removed).map(|(id, _)| *id).collect();
     json!({
         "cluster": c.cluster.map(|c| c.to_string()),
         "last_commit_index": c.applied_index,
@@ -235,5 +258,6 @@ fn cluster_json(s: &ClusterStatus) -> Value {
         "partitions": s.placement.partitions,
         "coordinator": coordinator,
         "participants": participants,
+        "removed": removed,
     })
 }

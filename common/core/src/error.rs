@@ -56,6 +56,10 @@ pub enum Error {
     /// snapshot from a live replica instead.
     #[error("log compacted: entries through index {0} are gone; catch up from a snapshot of a live replica")]
     Compacted(u64),
+    /// The participant is not in the cluster's roster (yet): it waits for
+    /// `treaty member add`.
+    #[error("not a member: {0}")]
+    NotMember(String),
 }
 
 impl Error {

@@ -135,6 +135,9 @@ pub struct SyncRequest {
     pub applied_index: u64,
     /// Prepared, undecided transactions with the attempt that prepared them.
     pub in_doubt: Vec<(TxnId, u64)>,
+    /// Installing a snapshot: its data is no state of the cluster yet, so
+    /// it cannot be admitted to the view.
+    pub installing: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -155,9 +158,19 @@ pub struct SyncReply {
     pub min_applied: u64,
     /// Which participants hold which keys (fixed when the cluster was created).
     pub placement: crate::protocol::PlacementSpec,
-    /// The participants' addresses, in id order (participant 1 first): a
-    /// participant forwards reads of keys it does not hold to their replicas.
-    pub participants: Vec<String>,
+    /// The participants' addresses by id (removed ones left out): a
+    /// participant forwards reads of keys it does not hold to their
+    /// replicas, and copies snapshots from them.
+    pub participants: std::collections::BTreeMap<u64, String>,
+}
+
+/// An operator's change of the cluster's participants (`treaty member`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Admit participant `id`, reached at `addr`.
+    Add { id: u64, addr: String },
+    /// Remove participant `id` for good.
+    Remove { id: u64 },
 }
 
 /// One participant's part of a range page read across partitions (see
@@ -281,4 +294,7 @@ pub struct ClusterStatus {
     pub placement: crate::protocol::PlacementSpec,
     /// Participants in id order: their status, or why they did not answer.
     pub participants: Vec<(u64, String, Result<NodeStatus, String>)>,
+    /// Every participant the cluster has had, removed ones included, and
+    /// its place (joining and leaving are changes in progress).
+    pub roster: Vec<(u64, crate::protocol::RosterState)>,
 }

@@ -48,7 +48,7 @@
 //!   participant list, written once when the cluster is created. A data dir
 //!   whose database has lost them while this file remains is damaged, and
 //!   the coordinator refuses to start rather than found a new cluster there.
-//! * `meta`: `cluster`, `participants` (bincode list of addresses), `view`,
+//! * `meta`: `cluster`, `participants` (bincode list of addresses, as created), `view`, `roster`,
 //!   `history` (bincode map generation -> nonce of every incarnation).
 //! * `log`: u64 big-endian commit index -> bincode [`LogEntry`]: every
 //!   committed transaction with its writes (catch-up source for replicas).
@@ -921,6 +921,26 @@ impl CoordinatorStore {
     /// Stores the view durably (synced before it returns).
     pub fn set_view(&self, view: &treaty_core::protocol::View) -> Result<()> {
         self.meta.insert("view", encode(view)).db()?;
+        Durability::new(self.db.clone(), &self.dir)?.sync()
+    }
+
+    /// The stored roster (`None`: never changed since the cluster was
+    /// created, so it is the `--participants` list).
+    pub fn roster(&self) -> Result<Option<treaty_core::protocol::Roster>> {
+        self.meta.get("roster").db()?.map(|v| decode(&v, "roster")).transpose()
+    }
+
+    /// Stores the view and the roster in one batch, durably (synced before
+    /// it returns): a crash keeps both or neither.
+    pub fn set_membership(
+        &self,
+        view: &treaty_core::protocol::View,
+        roster: &treaty_core::protocol::Roster,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert("view", encode(view));
+        batch.insert("roster", encode(roster));
+        self.meta.apply_batch(batch).db()?;
         Durability::new(self.db.clone(), &self.dir)?.sync()
     }
 

@@ -52,7 +52,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::error::Error;
+use crate::messages::MemberChange;
 use crate::messages::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
+use crate::protocol::membership::{Roster, RosterState};
 use crate::protocol::{Grant, LockTable, Membership, Placement, View, ViewChange};
 use crate::types::{Committed, Txn, TxnId};
 
@@ -131,8 +133,9 @@ pub enum Action {
     Decide { to: u64, commits: Vec<(TxnId, u64)>, aborts: Vec<(TxnId, u64)>, skips: Vec<(TxnId, u64)> },
     /// Answer everyone waiting for transaction `txn`.
     Reply { txn: TxnId, result: Result<Committed, Error> },
-    /// Make this view durable, then call [`CoordinatorCore::view_persisted`].
-    PersistView(View),
+    /// Make this view and roster durable (in one write), then call
+    /// [`CoordinatorCore::view_persisted`].
+    PersistView(View, Roster),
 }
 
 #[derive(Debug)]
@@ -715,7 +718,8 @@ impl CoordinatorCore {
         match self.membership.apply(change, self.durable, now) {
             Some(view) => {
                 self.view_persisting = true;
-                self.actions.push(Action::PersistView(view));
+                self.refresh_placement();
+                self.actions.push(Action::PersistView(view, self.membership.roster().clone()));
             }
             None => self.unpark(now),
         }
@@ -725,6 +729,60 @@ impl CoordinatorCore {
         for id in waiting {
             self.park(id);
         }
+    }
+
+    /// With full copies the placement is every participant of the roster,
+    /// and the check-ins needed after a start count them (see
+    /// [`CoreConfig::partitioned`]). Partitioned clusters never change
+    /// their roster ([`CoordinatorCore::change_members`]).
+    fn refresh_placement(&mut self) {
+        if !self.config.placement.is_full() {
+            return;
+        }
+        let ids: Vec<u64> = self.membership.participants().into_keys().collect();
+        if ids == self.config.placement.spec().participants {
+            return;
+        }
+        let n = ids.len();
+        self.config.placement = Placement::new(ids, n, self.config.placement.partitions());
+        self.config.min_partition_replicas = self.membership.config().min_replicas.min(n).max(1);
+        self.config.verify_quorum = (n + 1).saturating_sub(self.config.min_partition_replicas).max(1);
+    }
+
+    /// An operator adds or removes a participant. Checked and queued here;
+    /// made durable by a later view change (poll
+    /// [`Membership::request_pending`] and [`CoordinatorCore::view_settled`]).
+    pub fn change_members(&mut self, change: &MemberChange) -> Result<(), Error> {
+        self.check_fence()?;
+        if !self.config.placement.is_full() {
+            return Err(Error::Invalid(format!(
+                "this cluster keeps each key on {} of its {} participants; adding or removing one would move \
+                 partitions, which is not built yet: membership changes work on clusters of full copies (created \
+                 without --replication)",
+                self.config.placement.replication(),
+                self.config.placement.spec().participants.len()
+            )));
+        }
+        match change {
+            MemberChange::Add { id, addr } => self.membership.request_add(*id, addr),
+            MemberChange::Remove { id } => self.membership.request_remove(*id),
+        }
+        .map_err(Error::Invalid)
+    }
+
+    /// The log was compacted through `index` (see [`Membership::set_log_start`]).
+    pub fn log_compacted(&mut self, index: u64) {
+        self.membership.set_log_start(index);
+    }
+
+    /// What participant `id` said at its check-in about a snapshot install.
+    pub fn set_installing(&mut self, id: u64, installing: bool) {
+        self.membership.set_installing(id, installing);
+    }
+
+    /// No view change is proposed or being made durable right now.
+    pub fn view_settled(&self) -> bool {
+        self.view_change.is_none() && !self.view_persisting
     }
 
     /// The last [`Action::PersistView`] is durable: resume.
@@ -752,16 +810,37 @@ impl CoordinatorCore {
         in_doubt: usize,
         now: u64,
     ) -> Result<Grant, Error> {
-        self.verify(id, follows, seen_index, undecided, now)?;
+        match self.membership.roster().state(id) {
+            Some(RosterState::Removed) => {
+                return Err(Error::Identity(format!(
+                    "participant {id} was removed from this cluster (`treaty member remove {id}`) and cannot rejoin: \
+                     its data is no longer kept up to date. To use this machine again, give it an empty data dir \
+                     and a new id, and admit it with `treaty member add ADDR`"
+                )))
+            }
+            None => {
+                // Not counted towards the start's check-ins, but evidence of
+                // commits beyond this log still fences it.
+                self.verify(id, follows, seen_index, undecided, false, now)?;
+                return Err(Error::NotMember(format!(
+                    "participant {id} is not in this cluster: admit it with `treaty member add ADDR` (ADDR: the \
+                     address the coordinator reaches it at); it keeps waiting until then"
+                )));
+            }
+            Some(_) => {}
+        }
+        self.verify(id, follows, seen_index, undecided, true, now)?;
         self.membership.on_sync(id, replica, applied, in_doubt, now).map_err(Error::Identity)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn verify(
         &mut self,
         id: u64,
         follows: Option<Incarnation>,
         seen_index: u64,
         undecided: u64,
+        counts: bool,
         now: u64,
     ) -> Result<(), Error> {
         if let Some(why) = &self.fence.fenced {
@@ -798,6 +877,9 @@ impl CoordinatorCore {
                 self.finish(t, Err(Error::Fenced(why.clone())), now);
             }
             return Err(Error::Fenced(why));
+        }
+        if !counts {
+            return Ok(());
         }
         let before = self.fence.verified.len();
         self.fence.verified.insert(id);

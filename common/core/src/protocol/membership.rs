@@ -27,6 +27,15 @@
 //!   answers at that id's address is refused (a ping after its first
 //!   check-in still finds the first one there); it never gets a lease.
 //!
+//! * The *roster* lists every participant the cluster has had, with its
+//!   address and state (active, joining, leaving, removed), durably beside
+//!   the view. An operator adds a participant (it joins as *joining*, catches
+//!   up like any returning node, and becomes *active* when first admitted)
+//!   or removes one (*leaving*: it gets no new lease and is excluded once
+//!   its lease has run out, then it is *removed*). Ids are never reused, a
+//!   removed participant is refused for good, and a removal that would leave
+//!   fewer than `min_replicas` participants is refused.
+//!
 //! Time is an input: every method takes `now` in milliseconds of the
 //! coordinator's monotonic clock. After a coordinator restart, all members are
 //! treated as holding a fresh lease (a previous incarnation may have granted
@@ -56,6 +65,81 @@ impl View {
     pub fn initial(n: u64) -> View {
         View { epoch: 1, members: (1..=n).collect(), joined_at: BTreeMap::new(), replicas: BTreeMap::new() }
     }
+}
+
+/// A participant's place in the roster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RosterState {
+    /// Created with the cluster, or admitted after being added.
+    Active,
+    /// Added by an operator, not yet admitted to the view.
+    Joining,
+    /// Being removed: no new lease; excluded once its lease has run out.
+    Leaving,
+    /// Gone for good: its id is refused and never reused.
+    Removed,
+}
+
+impl std::fmt::Display for RosterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RosterState::Active => "active",
+            RosterState::Joining => "joining",
+            RosterState::Leaving => "leaving",
+            RosterState::Removed => "removed",
+        })
+    }
+}
+
+/// One participant of the roster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    pub addr: String,
+    pub state: RosterState,
+}
+
+/// Every participant the cluster has had (see the module docs). Stored
+/// durably with the view, in the same write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    pub nodes: BTreeMap<u64, RosterEntry>,
+}
+
+impl Roster {
+    /// A new cluster's roster: participants `1..=n` at these addresses.
+    pub fn initial(addrs: &[String]) -> Roster {
+        let nodes = (1u64..)
+            .zip(addrs)
+            .map(|(id, addr)| (id, RosterEntry { addr: addr.clone(), state: RosterState::Active }))
+            .collect();
+        Roster { nodes }
+    }
+
+    /// Participants not removed, with their addresses, in id order.
+    pub fn live(&self) -> BTreeMap<u64, String> {
+        self.nodes
+            .iter()
+            .filter(|(_, e)| e.state != RosterState::Removed)
+            .map(|(id, e)| (*id, e.addr.clone()))
+            .collect()
+    }
+
+    pub fn state(&self, id: u64) -> Option<RosterState> {
+        self.nodes.get(&id).map(|e| e.state)
+    }
+
+    fn set(&mut self, id: u64, state: RosterState) {
+        if let Some(e) = self.nodes.get_mut(&id) {
+            e.state = state;
+        }
+    }
+}
+
+/// An operator's request, queued until it is made durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Request {
+    Add(u64, String),
+    Remove(u64),
 }
 
 /// Timing and size limits of failure detection (all in milliseconds).
@@ -97,6 +181,10 @@ struct Node {
     /// A replica other than the one at the address, claiming this id, and
     /// since when (see [`Membership::on_sync`]).
     claim: Option<(u64, u64)>,
+    /// Being removed (roster state `Leaving`): never leased or admitted again.
+    leaving: bool,
+    /// Installing a snapshot (as it said at its last check-in).
+    installing: bool,
 }
 
 /// What the I/O layer must do: change the view (durably, with the write
@@ -107,6 +195,23 @@ pub enum ViewChange {
     Admit(u64),
     /// Bind a member to the replica now checking in at its address.
     Bind(u64),
+    /// An operator added this participant: record it as joining.
+    Add(u64),
+    /// An operator removes this participant: record it as leaving (removed
+    /// at once if it is not a member).
+    Leave(u64),
+}
+
+impl ViewChange {
+    fn id(self) -> u64 {
+        match self {
+            ViewChange::Exclude(id)
+            | ViewChange::Admit(id)
+            | ViewChange::Bind(id)
+            | ViewChange::Add(id)
+            | ViewChange::Leave(id) => id,
+        }
+    }
 }
 
 /// The answer to a participant's check-in.
@@ -123,29 +228,150 @@ pub struct Grant {
 #[derive(Debug)]
 pub struct Membership {
     view: View,
+    roster: Roster,
     config: MembershipConfig,
+    /// Every participant not removed.
     nodes: BTreeMap<u64, Node>,
+    /// Operators' requests not yet durable, oldest first.
+    requests: std::collections::VecDeque<Request>,
+    /// The log holds commits after this index only (compacted through it):
+    /// a participant that has applied less cannot catch up from the log.
+    log_start: u64,
 }
 
 impl Membership {
-    /// Starts from a stored view of participants `1..=n`.
-    pub fn new(view: View, n: u64, config: MembershipConfig, now: u64) -> Self {
-        let nodes = (1..=n)
-            .map(|id| {
+    /// Starts from a stored view and roster.
+    pub fn new(view: View, mut roster: Roster, config: MembershipConfig, now: u64) -> Self {
+        // A joining participant that was admitted (a crash between the two
+        // records cannot happen, they are one write; older data had no roster).
+        for id in &view.members {
+            if roster.state(*id) == Some(RosterState::Joining) {
+                roster.set(*id, RosterState::Active);
+            }
+        }
+        let nodes = roster
+            .live()
+            .keys()
+            .map(|&id| {
                 // Members start with a grace period of one detection time to
                 // check in; non-members must be heard from first.
                 let member = view.members.contains(&id);
                 let seen = member.then_some(now);
                 let lease_until = if member { now + config.lease_ms } else { 0 };
                 let join_index = view.joined_at.get(&id).copied().unwrap_or(0);
-                (id, Node { last_sync: seen, last_ping_ok: seen, lease_until, join_index, ..Default::default() })
+                let leaving = roster.state(id) == Some(RosterState::Leaving);
+                let node = Node {
+                    last_sync: seen,
+                    last_ping_ok: seen,
+                    lease_until,
+                    join_index,
+                    leaving,
+                    suspected: leaving,
+                    ..Default::default()
+                };
+                (id, node)
             })
             .collect();
-        Membership { view, config, nodes }
+        Membership { view, roster, config, nodes, requests: Default::default(), log_start: 0 }
+    }
+
+    /// The log was compacted through `index`.
+    pub fn set_log_start(&mut self, index: u64) {
+        self.log_start = self.log_start.max(index);
+    }
+
+    /// Participant `id` is (not) installing a snapshot: it is admitted
+    /// only once it is not.
+    pub fn set_installing(&mut self, id: u64, installing: bool) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.installing = installing;
+        }
     }
 
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    pub fn roster(&self) -> &Roster {
+        &self.roster
+    }
+
+    /// Participants not removed, with their addresses.
+    pub fn participants(&self) -> BTreeMap<u64, String> {
+        self.roster.live()
+    }
+
+    /// Queues adding participant `id` at `addr` (made durable by a later
+    /// [`ViewChange::Add`]). Asking again for a participant already added
+    /// at that address is not an error.
+    pub fn request_add(&mut self, id: u64, addr: &str) -> Result<(), String> {
+        match self.roster.nodes.get(&id) {
+            Some(e) if e.state == RosterState::Removed => {
+                let next = self.roster.nodes.keys().next_back().map_or(1, |m| m + 1);
+                return Err(format!(
+                    "participant {id} was removed from this cluster and ids are never reused: start the new node with \
+                     --id {next} (and a certificate for participant {next}: `treaty certs issue DIR participant {next}`)"
+                ));
+            }
+            Some(e) if e.addr == addr => return Ok(()),
+            Some(e) => {
+                return Err(format!(
+                    "participant {id} is already in this cluster at {} ({}): each participant needs its own --id",
+                    e.addr, e.state
+                ))
+            }
+            None => {}
+        }
+        if let Some((other, _)) = self.roster.live().into_iter().find(|(_, a)| a == addr) {
+            return Err(format!("{addr} is already participant {other}'s address: each participant needs its own"));
+        }
+        if self.requests.iter().any(|r| matches!(r, Request::Add(i, _) if *i == id)) {
+            return Ok(());
+        }
+        self.requests.push_back(Request::Add(id, addr.to_string()));
+        Ok(())
+    }
+
+    /// Queues removing participant `id` (made durable by a later
+    /// [`ViewChange::Leave`]). Removing one already leaving or removed is
+    /// not an error.
+    pub fn request_remove(&mut self, id: u64) -> Result<(), String> {
+        match self.roster.state(id) {
+            None => {
+                let ids: Vec<String> = self.roster.live().keys().map(u64::to_string).collect();
+                return Err(format!("there is no participant {id}; the participants are {}", ids.join(", ")));
+            }
+            Some(RosterState::Removed | RosterState::Leaving) => return Ok(()),
+            Some(_) => {}
+        }
+        if self.requests.contains(&Request::Remove(id)) {
+            return Ok(());
+        }
+        let staying = self
+            .roster
+            .nodes
+            .iter()
+            .filter(|(i, e)| {
+                **i != id
+                    && matches!(e.state, RosterState::Active | RosterState::Joining)
+                    && !self.requests.contains(&Request::Remove(**i))
+            })
+            .count();
+        if staying < self.config.min_replicas {
+            return Err(format!(
+                "removing participant {id} would leave {staying} participant(s), fewer than the minimum of {} \
+                     (--min-replicas): add one first (`treaty member add ADDR`)",
+                self.config.min_replicas
+            ));
+        }
+        self.requests.push_back(Request::Remove(id));
+        Ok(())
+    }
+
+    /// Whether an operator's request for `id` is still waiting to be made
+    /// durable.
+    pub fn request_pending(&self, id: u64) -> bool {
+        self.requests.iter().any(|r| matches!(r, Request::Add(i, _) | Request::Remove(i) if *i == id))
     }
 
     pub fn config(&self) -> &MembershipConfig {
@@ -219,6 +445,12 @@ impl Membership {
         let Some(node) = self.nodes.get_mut(&id) else {
             return Ok(Grant { member: false, lease_ms: None, min_applied: 0 });
         };
+        if node.leaving {
+            // Keeps it known (it may still hold a lease) but grants nothing.
+            node.last_sync = Some(now);
+            node.applied = applied;
+            return Ok(Grant { member, lease_ms: None, min_applied: node.join_index });
+        }
         match node.at_address {
             Some(at) if at != replica => {
                 let since = match node.claim {
@@ -278,6 +510,15 @@ impl Membership {
             {
                 node.suspected = true;
             }
+            if node.leaving {
+                node.suspected = true;
+            }
+        }
+        if let Some(request) = self.requests.front() {
+            return Some(match request {
+                Request::Add(id, _) => ViewChange::Add(*id),
+                Request::Remove(id) => ViewChange::Leave(*id),
+            });
         }
         self.nodes.keys().find_map(|id| self.due(*id, now, last_index))
     }
@@ -297,7 +538,16 @@ impl Membership {
         if member && reachable && !self.view.replicas.contains_key(&id) {
             return Some(ViewChange::Bind(id));
         }
-        if !member && reachable && node.in_doubt == 0 && node.applied + self.config.join_gap >= last_index {
+        // It must be able to catch up from the log: not installing a
+        // snapshot, and past the compacted part.
+        let can_catch_up = !node.installing && node.applied >= self.log_start;
+        if !member
+            && reachable
+            && !node.leaving
+            && can_catch_up
+            && node.in_doubt == 0
+            && node.applied + self.config.join_gap >= last_index
+        {
             return Some(ViewChange::Admit(id));
         }
         None
@@ -312,11 +562,11 @@ impl Membership {
     /// join index of an admitted node). Returns the new view, or `None` when
     /// the change is no longer due.
     pub fn apply(&mut self, change: ViewChange, last_index: u64, now: u64) -> Option<View> {
-        let id = match change {
-            ViewChange::Exclude(id) | ViewChange::Admit(id) | ViewChange::Bind(id) => id,
-        };
-        if self.due(id, now, last_index) != Some(change) {
-            return None;
+        let id = change.id();
+        match change {
+            ViewChange::Add(_) | ViewChange::Leave(_) => return self.apply_request(change),
+            _ if self.due(id, now, last_index) != Some(change) => return None,
+            _ => {}
         }
         // Binding changes no membership: PREPAREs of the current epoch stay valid.
         if !matches!(change, ViewChange::Bind(_)) {
@@ -328,6 +578,10 @@ impl Membership {
                 self.view.members.remove(&id);
                 self.view.joined_at.remove(&id);
                 self.view.replicas.remove(&id);
+                if self.roster.state(id) == Some(RosterState::Leaving) {
+                    self.roster.set(id, RosterState::Removed);
+                    self.nodes.remove(&id);
+                }
             }
             ViewChange::Admit(id) => {
                 self.view.members.insert(id);
@@ -337,11 +591,43 @@ impl Membership {
                     n.join_index = last_index;
                     n.suspected = false;
                 }
+                if self.roster.state(id) == Some(RosterState::Joining) {
+                    self.roster.set(id, RosterState::Active);
+                }
             }
             ViewChange::Bind(id) => {
                 self.view.replicas.insert(id, replica.expect("due only with a replica"));
             }
+            ViewChange::Add(_) | ViewChange::Leave(_) => unreachable!("handled above"),
         }
+        Some(self.view.clone())
+    }
+
+    /// Makes the oldest operator's request part of the roster (the view's
+    /// members do not change, so neither does the epoch).
+    fn apply_request(&mut self, change: ViewChange) -> Option<View> {
+        let request = self.requests.front()?;
+        match (change, request) {
+            (ViewChange::Add(id), Request::Add(i, addr)) if id == *i => {
+                let entry = RosterEntry { addr: addr.clone(), state: RosterState::Joining };
+                self.roster.nodes.insert(id, entry);
+                self.nodes.insert(id, Node::default());
+            }
+            (ViewChange::Leave(id), Request::Remove(i)) if id == *i => {
+                if self.view.members.contains(&id) {
+                    self.roster.set(id, RosterState::Leaving);
+                    if let Some(n) = self.nodes.get_mut(&id) {
+                        n.leaving = true;
+                        n.suspected = true;
+                    }
+                } else {
+                    self.roster.set(id, RosterState::Removed);
+                    self.nodes.remove(&id);
+                }
+            }
+            _ => return None,
+        }
+        self.requests.pop_front();
         Some(self.view.clone())
     }
 
@@ -364,6 +650,10 @@ fn fresh(t: Option<u64>, now: u64, detect: u64) -> bool {
 mod tests {
     use super::*;
 
+    fn roster(n: u64) -> Roster {
+        Roster::initial(&(1..=n).map(|i| format!("p{i}")).collect::<Vec<_>>())
+    }
+
     /// Replica (data dir) id of participant `id` in these tests.
     fn r(id: u64) -> u64 {
         100 + id
@@ -373,7 +663,7 @@ mod tests {
     fn five(now: u64) -> Membership {
         let mut view = View::initial(5);
         view.replicas = (1..=5).map(|id| (id, r(id))).collect();
-        Membership::new(view, 5, MembershipConfig::default(), now)
+        Membership::new(view, roster(5), MembershipConfig::default(), now)
     }
 
     fn sync(m: &mut Membership, id: u64, applied: u64, in_doubt: usize, now: u64) -> Grant {
@@ -461,7 +751,7 @@ mod tests {
         view.epoch = 3;
         view.members.remove(&3);
         view.replicas = [1, 2, 4, 5].into_iter().map(|id| (id, r(id))).collect();
-        let mut m = Membership::new(view, 5, MembershipConfig::default(), 0);
+        let mut m = Membership::new(view, roster(5), MembershipConfig::default(), 0);
         for id in [1, 2, 4, 5] {
             ping(&mut m, id, 50);
         }
@@ -550,7 +840,7 @@ mod tests {
 
     #[test]
     fn a_new_cluster_binds_each_member_before_it_gets_a_lease() {
-        let mut m = Membership::new(View::initial(3), 3, MembershipConfig::default(), 0);
+        let mut m = Membership::new(View::initial(3), roster(3), MembershipConfig::default(), 0);
         assert_eq!(m.on_sync(1, 501, 0, 0, 10).unwrap().lease_ms, None, "not bound yet");
         m.on_ping(1, Some(501), 20);
         assert_eq!(m.tick(30, 0), Some(ViewChange::Bind(1)));
@@ -606,5 +896,107 @@ mod tests {
         assert!(changes[0].1 >= 2000 + 200, "excluded before the old lease expired: {changes:?}");
         assert_eq!(changes[1].0, ViewChange::Admit(3));
         assert_eq!(m.bound_replica(3), fresh_dir);
+    }
+
+    /// Runs ticks (everyone but `silent` heartbeating) until `done`, applying
+    /// every change; returns the time.
+    fn run_until(m: &mut Membership, mut now: u64, silent: &[u64], done: impl Fn(&Membership) -> bool) -> u64 {
+        while !done(m) {
+            now += 100;
+            assert!(now < 60_000, "never happened: {:?} {:?}", m.view(), m.roster());
+            let ids: Vec<u64> = m.participants().keys().copied().collect();
+            for id in ids {
+                if !silent.contains(&id) {
+                    ping(m, id, now);
+                    let _ = m.on_sync(id, r(id), 10, 0, now);
+                }
+            }
+            if let Some(change) = m.tick(now, 10) {
+                m.apply(change, 10, now);
+            }
+        }
+        now
+    }
+
+    #[test]
+    fn an_added_participant_joins_then_is_admitted_and_becomes_active() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        assert!(m.request_add(6, "p6").is_ok());
+        assert!(m.request_add(6, "p6").is_ok(), "asking again is not an error");
+        assert!(m.request_add(7, "p1").unwrap_err().contains("already participant 1's address"));
+        assert!(m.request_add(2, "elsewhere").unwrap_err().contains("already in this cluster"));
+        // The request is made durable first (no epoch change) ...
+        assert_eq!(m.tick(0, 10), Some(ViewChange::Add(6)));
+        let view = m.apply(ViewChange::Add(6), 10, 0).expect("applies");
+        assert_eq!(view.epoch, 1);
+        assert_eq!(m.roster().state(6), Some(RosterState::Joining));
+        assert!(!m.request_pending(6));
+        // ... then it is admitted like any returning participant.
+        run_until(&mut m, 0, &[], |m| m.view().members.contains(&6));
+        assert_eq!(m.roster().state(6), Some(RosterState::Active));
+        assert_eq!(m.view().epoch, 2);
+    }
+
+    #[test]
+    fn a_removed_member_gets_no_lease_is_excluded_after_its_lease_and_never_returns() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        assert!(m.request_add(3, "p3").is_ok(), "re-adding a live participant at its address is a no-op");
+        m.request_remove(3).expect("removable");
+        assert_eq!(m.tick(100, 10), Some(ViewChange::Leave(3)));
+        m.apply(ViewChange::Leave(3), 10, 100).expect("applies");
+        assert_eq!(m.roster().state(3), Some(RosterState::Leaving));
+        assert!(m.view().members.contains(&3), "still a member while its lease may run");
+        assert_eq!(sync(&mut m, 3, 10, 0, 150).lease_ms, None, "a leaving member gets no lease");
+        // It keeps checking in, and is excluded anyway once the lease is over.
+        let at = run_until(&mut m, 100, &[], |m| !m.view().members.contains(&3));
+        assert!(at >= 2000 + 200, "excluded at {at} ms, before its last lease (to 2000 ms) and the margin");
+        assert_eq!(m.roster().state(3), Some(RosterState::Removed));
+        assert!(!m.participants().contains_key(&3));
+        // Never readmitted, even if it keeps checking in; its id is never reused.
+        for t in (at..at + 5_000).step_by(100) {
+            ping(&mut m, 3, t);
+            let g = m.on_sync(3, r(3), 10, 0, t).unwrap();
+            assert!(!g.member && g.lease_ms.is_none());
+            assert_ne!(m.tick(t, 10), Some(ViewChange::Admit(3)));
+        }
+        assert!(m.request_add(3, "p3").unwrap_err().contains("ids are never reused: start the new node with --id 6"));
+    }
+
+    #[test]
+    fn removals_keep_the_minimum_and_a_non_member_goes_at_once() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        m.request_remove(1).unwrap();
+        m.request_remove(2).unwrap();
+        let err = m.request_remove(3).unwrap_err();
+        assert!(err.contains("would leave 2 participant(s), fewer than the minimum of 3"), "{err}");
+        assert!(m.request_remove(9).unwrap_err().contains("there is no participant 9"));
+        // Participant 2 silent long enough to be excluded, then removed: at once.
+        let mut m = five(0);
+        let now = run_until(&mut m, 0, &[2], |m| !m.view().members.contains(&2));
+        m.request_remove(2).unwrap();
+        assert_eq!(m.tick(now, 10), Some(ViewChange::Leave(2)));
+        m.apply(ViewChange::Leave(2), 10, now).unwrap();
+        assert_eq!(m.roster().state(2), Some(RosterState::Removed));
+    }
+
+    #[test]
+    fn the_roster_survives_a_restart_and_a_leaving_member_keeps_leaving() {
+        let mut m = five(0);
+        heartbeat_all(&mut m, 0, &[]);
+        m.request_add(6, "p6").unwrap();
+        m.request_remove(4).unwrap();
+        for _ in 0..2 {
+            let c = m.tick(0, 10).unwrap();
+            m.apply(c, 10, 0).unwrap();
+        }
+        let (view, roster) = (m.view().clone(), m.roster().clone());
+        let mut m = Membership::new(view, roster, MembershipConfig::default(), 0);
+        assert_eq!(m.roster().state(6), Some(RosterState::Joining));
+        assert!(m.is_suspected(4));
+        let now = run_until(&mut m, 0, &[], |m| m.roster().state(4) == Some(RosterState::Removed));
+        run_until(&mut m, now, &[], |m| m.roster().state(6) == Some(RosterState::Active));
     }
 }

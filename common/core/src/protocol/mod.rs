@@ -39,7 +39,7 @@ mod replica;
 pub use compaction::{snapshot_plan, Retention, SnapshotGroup};
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
-pub use membership::{Grant, Membership, MembershipConfig, View, ViewChange};
+pub use membership::{Grant, Membership, MembershipConfig, Roster, RosterEntry, RosterState, View, ViewChange};
 pub use participant::{ParticipantCore, Persist, JOIN_GAP};
 pub(crate) use placement::Fnv1a;
 pub use placement::{Placement, PlacementSpec, DEFAULT_PARTITIONS};

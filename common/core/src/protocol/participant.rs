@@ -341,7 +341,7 @@ mod tests {
             lease_ms,
             min_applied: 0,
             placement: Placement::full(vec![1, 2, 3]).spec().clone(),
-            participants: vec![],
+            participants: Default::default(),
         }
     }
 

@@ -12,6 +12,11 @@ use proptest::prelude::*;
 
 const INC: Incarnation = Incarnation { generation: 1, nonce: 7 };
 
+/// Participants `1..=n` at placeholder addresses.
+fn roster(n: u64) -> crate::protocol::Roster {
+    crate::protocol::Roster::initial(&(1..=n).map(|i| format!("p{i}")).collect::<Vec<_>>())
+}
+
 fn r(id: u64) -> u64 {
     100 + id
 }
@@ -21,7 +26,7 @@ fn fresh(n: u64) -> CoordinatorCore {
     let mut view = View::initial(n);
     view.replicas = (1..=n).map(|id| (id, r(id))).collect();
     let membership =
-        Membership::new(view, n, MembershipConfig { min_replicas: n.min(3) as usize, ..Default::default() }, 0);
+        Membership::new(view, roster(n), MembershipConfig { min_replicas: n.min(3) as usize, ..Default::default() }, 0);
     let history = [(INC.generation, INC.nonce)].into();
     CoordinatorCore::new(CoreConfig::new(n as usize, n.min(3) as usize), INC, history, membership, 0)
 }
@@ -217,7 +222,7 @@ fn a_member_that_stops_answering_is_retried_then_excluded_and_writes_go_on() {
         c.tick(now);
         pending = c.take_actions();
         for a in &pending {
-            if let Action::PersistView(v) = a {
+            if let Action::PersistView(v, _) = a {
                 assert!(!v.members.contains(&3));
                 c.view_persisted(now);
             }
@@ -301,7 +306,7 @@ proptest! {
                                 c.prepared(to, batch, answer, now);
                             }
                             Action::Persist { .. } => { persisting = true; }
-                            Action::PersistView(_) => c.view_persisted(now),
+                            Action::PersistView(..) => c.view_persisted(now),
                             Action::Reply { txn, result } => { assert!(answered.insert(txn, result).is_none(), "answered twice"); }
                             Action::Decide { .. } => {}
                         }
@@ -318,7 +323,7 @@ proptest! {
             match out.pop_front() {
                 Some(Action::Prepare { to, batch, items, .. }) => c.prepared(to, batch, Ok(vec![Ok(Vote::Yes); items.len()]), now),
                 Some(Action::Persist { .. }) => c.persisted(now),
-                Some(Action::PersistView(_)) => c.view_persisted(now),
+                Some(Action::PersistView(..)) => c.view_persisted(now),
                 Some(Action::Reply { txn, result }) => { assert!(answered.insert(txn, result).is_none(), "answered twice"); }
                 Some(Action::Decide { .. }) => {}
                 None => {
@@ -614,7 +619,7 @@ impl Sim {
 
     fn boot(d: &Durable, inc: Incarnation, now: u64) -> CoordinatorCore {
         let view = d.view.clone().expect("view");
-        let membership = Membership::new(view, N, MembershipConfig::default(), now);
+        let membership = Membership::new(view, roster(N), MembershipConfig::default(), now);
         let last = d.log.keys().next_back().copied().unwrap_or(0);
         CoordinatorCore::new(CoreConfig::new(N as usize, 3), inc, d.history.clone(), membership, last)
     }
@@ -666,7 +671,7 @@ impl Sim {
                     }
                     self.persisting = Some((commits, aborts));
                 }
-                Action::PersistView(v) => self.view_persisting = Some(v),
+                Action::PersistView(v, _) => self.view_persisting = Some(v),
                 Action::Reply { txn, result } => {
                     if let Ok(c) = &result {
                         assert_eq!(
@@ -1121,7 +1126,7 @@ fn partitioned_core() -> CoordinatorCore {
     let n = 5;
     let mut view = View::initial(n);
     view.replicas = (1..=n).map(|id| (id, r(id))).collect();
-    let membership = Membership::new(view, n, MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
+    let membership = Membership::new(view, roster(n), MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
     let history = [(INC.generation, INC.nonce)].into();
     let placement = Placement::new((1..=n).collect(), 3, 64);
     let mut c = CoordinatorCore::new(CoreConfig::partitioned(placement, 3), INC, history, membership, 0);
@@ -1191,7 +1196,7 @@ fn a_partition_without_enough_replicas_refuses_writes_and_others_go_on() {
         heartbeat(&mut c, 5, now, &[down]);
         c.tick(now);
         for a in c.take_actions() {
-            if let Action::PersistView(_) = a {
+            if let Action::PersistView(..) = a {
                 c.view_persisted(now);
             }
         }
