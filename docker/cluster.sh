@@ -11,6 +11,8 @@
 #   docker/cluster.sh cli ARGS the host CLI with this cluster's endpoints and credentials
 #   docker/cluster.sh backup DIR   copy the coordinator's data (stopped for the copy) and the certificates
 #   docker/cluster.sh restore DIR  put a backup's coordinator data back (refused by the cluster if it is old)
+#   docker/cluster.sh add-participant      start participant-6 and admit it (`treaty member add`)
+#   docker/cluster.sh remove-participant N remove participant N for good (`treaty member remove`), stop it
 #
 # Security: every connection is TLS with the cluster's own CA. `up` creates the
 # certificates once, in docker/certs/<project> (mounted read-only at /certs in
@@ -147,12 +149,31 @@ case "$cmd" in
     echo "restored. If the participants have seen commits this copy does not hold, the coordinator refuses"
     echo "writes and says so (treaty status): nothing is lost; restore a newer copy."
     ;;
+  add-participant)
+    # The contract: start the node with its own id, address and certificate,
+    # then admit it; it copies a snapshot, catches up and enters the view.
+    if [ ! -f "$TREATY_CERTS_DIR/participant-6.pem" ]; then
+      "$host_cli" certs issue "$TREATY_CERTS_DIR" participant 6 >/dev/null
+    fi
+    echo "==> starting participant-6"
+    dc --profile participant-6 up -d --no-recreate participant-6 >/dev/null 2>&1
+    echo "==> admitting it: treaty member add participant-6:7006 --wait"
+    dc run --rm -T client member add participant-6:7006 --wait --timeout "${TREATY_UP_TIMEOUT:-300}"
+    ;;
+  remove-participant)
+    id="${1:?usage: docker/cluster.sh remove-participant ID}"
+    echo "==> treaty member remove $id --wait"
+    dc run --rm -T client member remove "$id" --wait
+    # Refused for good from now on: stop it rather than let docker restart it.
+    dc --profile participant-6 stop "participant-$id" >/dev/null 2>&1 || true
+    echo "participant-$id is stopped; its volume is kept (docker volume rm ${project}_participant-$id-data deletes it)"
+    ;;
   logs) dc logs -f "$@" ;;
   repl) dc run --rm client repl ;;
   status) dc run --rm -T client status ;;
   compose) dc "$@" ;;
   *)
-    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|backup|restore|build|wait|compose ARGS" >&2
+    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|backup|restore|add-participant|remove-participant|build|wait|compose ARGS" >&2
     exit 2
     ;;
 esac

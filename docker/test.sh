@@ -28,7 +28,7 @@ failed=0
 failures=""
 
 # Host ports: let docker pick free ones so tests never collide.
-export TREATY_PORT_0=0 TREATY_PORT_1=0 TREATY_PORT_2=0 TREATY_PORT_3=0 TREATY_PORT_4=0 TREATY_PORT_5=0
+export TREATY_PORT_0=0 TREATY_PORT_1=0 TREATY_PORT_2=0 TREATY_PORT_3=0 TREATY_PORT_4=0 TREATY_PORT_5=0 TREATY_PORT_6=0
 
 dc() { "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" "$@"; }
 cid() { dc ps -q "$1"; }
@@ -113,7 +113,7 @@ run_test() {
     failures="$failures $name"
     ok=0
   fi
-  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  dc --profile participant-6 down -v --remove-orphans >/dev/null 2>&1 || true
   rm -rf "$scratch"
   return 0
 }
@@ -299,10 +299,17 @@ test_bad_configuration_exits_with_a_message() {
   out=$(docker run --rm --network "$net" "${certs[@]}" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
     -e TREATY_COORDINATOR=no-such-coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
   [ "$code" -ne 0 ] && grep -q "check --coordinator (TREATY_COORDINATOR)" <<<"$out" || fail "wrong coordinator: code $code: $out" || return 1
-  # An id that does not exist in the cluster.
-  out=$(docker run --rm --network "$net" "${certs[@]}" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data -e TREATY_LISTEN=0.0.0.0:7009 \
-    -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" 2>&1) && code=0 || code=$?
-  [ "$code" -ne 0 ] && grep -q "there is no participant 9" <<<"$out" || fail "bad id: code $code: $out" || return 1
+  # An id the cluster does not know (yet): it waits to be admitted with
+  # `treaty member add`, and says so, rather than exiting.
+  local stranger="${project}-stranger-9" deadline=$((SECONDS + 15))
+  docker run -d --name "$stranger" --network "$net" "${certs[@]}" -e TREATY_ID=9 -e TREATY_DATA_DIR=/data \
+    -e TREATY_LISTEN=0.0.0.0:7009 -e TREATY_COORDINATOR=coordinator:7000 --entrypoint /usr/local/bin/treaty-participant "$img" >/dev/null
+  until out=$(docker logs "$stranger" 2>&1); grep -q "participant 9 is not in this cluster: admit it with \`treaty member add ADDR\`" <<<"$out"; do
+    [ $SECONDS -lt $deadline ] || { docker rm -f "$stranger" >/dev/null; fail "unknown id: $out"; return 1; }
+    sleep 0.5
+  done
+  [ "$(docker inspect -f '{{.State.Running}}' "$stranger")" = true ] || fail "an unknown id exited: $out" || return 1
+  docker rm -f "$stranger" >/dev/null
   # Duplicate ids: participant-2 restarted claiming id 1 against its own volume.
   dc stop participant-2 >/dev/null 2>&1
   out=$(docker run --rm --network "$net" "${certs[@]}" -v "${project}_participant-2-data:/data" -e TREATY_ID=1 -e TREATY_DATA_DIR=/data \
@@ -384,9 +391,38 @@ test_replication3_partition_down() {
   same_everywhere p/1 back
 }
 
+# A sixth participant added with the documented steps (cluster.sh
+# add-participant: certificate, container, `treaty member add`) gets every
+# key; participant 2 removed (cluster.sh remove-participant) leaves the view
+# and writes go on without it.
+test_add_and_remove_participant() {
+  local script="" out p6
+  for i in $(seq 1 20); do script="$script"$'\n'"put m/$i v$i"; done
+  docker exec -i "$(cid participant-1)" /usr/local/bin/treaty --endpoints participant-1:7001 run - <<<"$script" >/dev/null ||
+    fail "writing 20 keys" || return 1
+  out=$(TREATY_PROJECT="$project" TREATY_PORT_6=0 "$here/cluster.sh" add-participant 2>&1) || fail "add-participant: $out" || return 1
+  grep -q "participant 6 is active and in the view" <<<"$out" || fail "add-participant said: $out" || return 1
+  echo "    $(grep "participant 6 is" <<<"$out")"
+  tx 1 status | grep -q "members \[1, 2, 3, 4, 5, 6\]" || fail "participant 6 is not in the view: $(tx 1 status)" || return 1
+  p6=$(dc --profile participant-6 ps -q participant-6)
+  for i in 1 13 20; do
+    [ "$(docker exec "$p6" /usr/local/bin/treaty --endpoints participant-6:7006 get "m/$i")" = "v$i" ] ||
+      fail "participant 6 does not serve m/$i" || return 1
+  done
+  out=$(TREATY_PROJECT="$project" "$here/cluster.sh" remove-participant 2 2>&1) || fail "remove-participant: $out" || return 1
+  grep -q "participant 2 is removed for good" <<<"$out" || fail "remove-participant said: $out" || return 1
+  out=$(tx 1 status || true)
+  grep -q "members \[1, 3, 4, 5, 6\]" <<<"$out" && grep -q "removed for good: participant 2" <<<"$out" ||
+    fail "status after the removal: $out" || return 1
+  tx 3 put after/removal yes >/dev/null || fail "a write after the removal" || return 1
+  [ "$(docker exec "$p6" /usr/local/bin/treaty --endpoints participant-6:7006 get after/removal)" = yes ] ||
+    fail "participant 6 does not serve the write made after the removal" || return 1
+}
+
 all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
   network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
-  bad_configuration_exits_with_a_message shell_history_survives replication3_partition_down)
+  bad_configuration_exits_with_a_message shell_history_survives replication3_partition_down
+  add_and_remove_participant)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

@@ -226,8 +226,9 @@ impl Cluster {
         } else {
             cmd = Command::new(binary("treaty-participant"));
             cmd.arg("--id").arg(i.to_string()).arg("--listen").arg(self.addr(i));
-            let coordinator = match &self.route_to_coordinator {
-                Some(routes) => routes[i - 1].clone(),
+            // Participants added later talk to the coordinator directly.
+            let coordinator = match self.route_to_coordinator.as_ref().and_then(|r| r.get(i - 1)) {
+                Some(route) => route.clone(),
                 None => self.addr(0),
             };
             cmd.arg("--data-dir").arg(self.data_dir(i)).arg("--coordinator").arg(coordinator);

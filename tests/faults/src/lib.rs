@@ -13,7 +13,9 @@
 //! Faults (one at a time, chosen by the seed): `kill -9` and restart of a
 //! participant or the coordinator, SIGSTOP/SIGCONT of either, and a
 //! partition between the coordinator and one participant (connections
-//! dropped, or silently blackholed).
+//! dropped, or silently blackholed); and, only when asked for
+//! (`--faults replace-participant`), a membership change: a new participant
+//! added (`treaty member add`) and a random one removed for good.
 
 pub mod checker;
 pub mod proxy;
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use treaty_client::{Client, Condition, Error, Txn, TxnId, Write};
+use treaty_client::{Client, Condition, Error, MemberChange, Txn, TxnId, Write};
 use treaty_common::rpc::Outcome;
 use treaty_tests::Cluster;
 
@@ -47,6 +49,9 @@ pub enum FaultKind {
     PartitionDrop,
     /// Cut one participant off silently: bytes are swallowed, nothing answers.
     PartitionBlackhole,
+    /// Add a new participant (the next id) and remove a random one for good.
+    /// Not among the default kinds (so that every seed keeps its faults).
+    ReplaceParticipant,
 }
 
 impl FaultKind {
@@ -249,8 +254,11 @@ async fn inject_faults(
     while Instant::now() + Duration::from_millis(2500) < until {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1200))).await;
         let hold = Duration::from_millis(rng.gen_range(300..2500));
-        let target = rng.gen_range(1..=n);
-        let kind = if kinds.len() == FaultKind::ALL.len() {
+        let live = cluster.live();
+        // The draw every seed has always used while the participants are the first `n`.
+        let first_n = live.iter().copied().eq(1..=n);
+        let target = if first_n { rng.gen_range(1..=n) } else { live[rng.gen_range(0..live.len())] };
+        let kind = if kinds == FaultKind::ALL {
             // The draw every seed has always used (partitions twice as likely).
             match rng.gen_range(0..6) {
                 0 => FaultKind::KillParticipant,
@@ -290,7 +298,18 @@ async fn inject_faults(
                 tokio::time::sleep(hold).await;
                 signal(cluster, 0, libc::SIGCONT);
             }
+            FaultKind::ReplaceParticipant => {
+                let new = replace_participant(cluster, target).await;
+                log.push(format!("participant {new} added, participant {target} removed"));
+            }
+            // Participants added later have no proxy: a partition cuts one
+            // of the first ones.
             FaultKind::PartitionDrop | FaultKind::PartitionBlackhole => {
+                let target = if target <= to_participant.len() {
+                    target
+                } else {
+                    *live.iter().find(|i| **i <= to_participant.len()).expect("a proxied participant")
+                };
                 let mode = if kind == FaultKind::PartitionDrop { Mode::Drop } else { Mode::Blackhole };
                 log.push(format!("partition participant {target} ({mode:?}) for {} ms", hold.as_millis()));
                 to_participant[target - 1].set(mode);
@@ -305,6 +324,37 @@ async fn inject_faults(
         }
     }
     log
+}
+
+/// Adds a new participant (started, then admitted with `treaty member add`)
+/// and removes `target` for good; returns the new id. Writes go on
+/// throughout; the removed process exits by itself once it is out.
+async fn replace_participant(cluster: &mut Cluster, target: usize) -> usize {
+    let new = cluster.add_node();
+    cluster.spawn(new, &[]);
+    let client = cluster.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.status(new).await.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let add = MemberChange::Add { id: new as u64, addr: cluster.addr(new) };
+    let remove = MemberChange::Remove { id: target as u64 };
+    for change in [add, remove] {
+        // Asking again is safe: a change already made is not an error. A
+        // coordinator restarting after the previous fault may not answer yet.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.change_members(change.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("{change:?}: {e}"),
+            }
+        }
+    }
+    cluster.mark_removed(target);
+    new
 }
 
 /// Runs one campaign and checks its history.
@@ -357,7 +407,7 @@ pub async fn run(cfg: CampaignConfig) -> anyhow::Result<Report> {
         p.set(Mode::Pass);
     }
     cluster.wait_ready(Duration::from_secs(60)).await;
-    let final_client = cluster.client_for(1);
+    let final_client = cluster.client_for(cluster.live()[0]);
     // Writes whose outcome the client never learned: ask the coordinator's
     // durable record. Never committed means it never took effect (drop it);
     // committed means it took effect at some unknown time after its call.

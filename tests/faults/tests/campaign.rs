@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use treaty_faults::{run, CampaignConfig};
+use treaty_faults::{run, CampaignConfig, FaultKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_fault_campaigns_stay_linearizable() {
@@ -29,6 +29,21 @@ async fn seeded_fault_campaigns_stay_linearizable_with_partitioned_keys() {
         assert!(report.committed > 20, "seed {seed} made too little progress: {}", report.summary());
         assert!(report.linearizable(), "{}", report.summary());
     }
+}
+
+/// Membership changes as the faults: participants added and removed for
+/// good, one pair after another, while clients read and write (the
+/// multi-process membership tests kill -9 the coordinator and the joining
+/// node at each step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_fault_campaigns_with_membership_changes_stay_linearizable() {
+    let mut cfg = CampaignConfig::new(21);
+    cfg.kinds = vec![FaultKind::ReplaceParticipant];
+    let report = run(cfg).await.unwrap();
+    println!("{}", report.summary());
+    assert!(report.faults.iter().any(|f| f.contains("removed")), "no membership change: {}", report.summary());
+    assert!(report.committed > 20, "too little progress: {}", report.summary());
+    assert!(report.linearizable(), "{}", report.summary());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
