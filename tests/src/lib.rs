@@ -74,6 +74,28 @@ fn ephemeral_low() -> u32 {
         .unwrap_or(32_768)
 }
 
+/// Every key of a replica with its value and version.
+pub type Data = std::collections::BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+/// Every key, value and version in participant `i`'s sled files (the
+/// participant must be stopped), asserting no snapshot install is unfinished.
+pub fn stored(c: &Cluster, i: usize) -> Data {
+    let store = treaty_storage::ReplicaStore::open(&c.data_dir(i), i as u64).unwrap();
+    assert!(store.install().unwrap().is_none(), "participant {i} stopped with an install unfinished");
+    let mut data = Data::new();
+    let mut req = treaty_common::types::RangeRequest::prefix(b"");
+    loop {
+        let page = store.range(&req).unwrap();
+        for e in page.entries {
+            data.insert(e.key, (e.value.unwrap(), e.version));
+        }
+        match page.next {
+            Some(next) => req.start = next,
+            None => return data,
+        }
+    }
+}
+
 /// A key's value and version as one replica holds it (`None`: missing).
 pub type Entry = Option<(Vec<u8>, u64)>;
 

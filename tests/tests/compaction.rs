@@ -5,17 +5,13 @@
 //! 3 of 5 (several snapshot groups). Every replica's own sled files must
 //! end up identical (full copies) or hold exactly their keys (partitioned).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use treaty_client::{Error, Outcome, ReadMode, Txn, Write};
 use treaty_common::protocol::{Placement, DEFAULT_PARTITIONS};
-use treaty_common::types::RangeRequest;
-use treaty_tests::Cluster;
+use treaty_tests::{stored, Cluster, Data};
 
 const N: usize = 5;
-
-type Data = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
 
 async fn start(args: &[&str]) -> Cluster {
     let mut c = Cluster::new(N);
@@ -25,24 +21,6 @@ async fn start(args: &[&str]) -> Cluster {
     }
     c.wait_ready(Duration::from_secs(20)).await;
     c
-}
-
-/// Every key, value and version in participant `i`'s sled files (stopped).
-fn stored(c: &Cluster, i: usize) -> Data {
-    let store = treaty_storage::ReplicaStore::open(&c.data_dir(i), i as u64).unwrap();
-    assert!(store.install().unwrap().is_none(), "participant {i} stopped with an install unfinished");
-    let mut data = Data::new();
-    let mut req = RangeRequest::prefix(b"");
-    loop {
-        let page = store.range(&req).unwrap();
-        for e in page.entries {
-            data.insert(e.key, (e.value.unwrap(), e.version));
-        }
-        match page.next {
-            Some(next) => req.start = next,
-            None => return data,
-        }
-    }
 }
 
 fn puts(keys: impl IntoIterator<Item = String>, value: &[u8]) -> Txn {

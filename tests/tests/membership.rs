@@ -6,19 +6,15 @@
 //! recorded, and the joining participant killed half way through its
 //! snapshot, still end in the intended cluster.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use treaty_client::{Error, ReadMode, Txn, Write};
 use treaty_common::protocol::RosterState;
-use treaty_common::types::RangeRequest;
-use treaty_tests::Cluster;
+use treaty_tests::{stored, Cluster, Data};
 
 const N: usize = 5;
-
-type Data = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
 
 /// A cluster whose log is compacted almost at once, so that a new
 /// participant can only catch up from a snapshot.
@@ -30,24 +26,6 @@ async fn start() -> Cluster {
     }
     c.wait_ready(Duration::from_secs(20)).await;
     c
-}
-
-/// Every key, value and version in participant `i`'s sled files (stopped).
-fn stored(c: &Cluster, i: usize) -> Data {
-    let store = treaty_storage::ReplicaStore::open(&c.data_dir(i), i as u64).unwrap();
-    assert!(store.install().unwrap().is_none(), "participant {i} stopped with an install unfinished");
-    let mut data = Data::new();
-    let mut req = RangeRequest::prefix(b"");
-    loop {
-        let page = store.range(&req).unwrap();
-        for e in page.entries {
-            data.insert(e.key, (e.value.unwrap(), e.version));
-        }
-        match page.next {
-            Some(next) => req.start = next,
-            None => return data,
-        }
-    }
 }
 
 /// `txns` transactions of 100 keys with 300-byte values: about 30 KB each.
