@@ -52,10 +52,18 @@
 //!   `history` (bincode map generation -> nonce of every incarnation).
 //! * `log`: u64 big-endian commit index -> bincode [`LogEntry`]: every
 //!   committed transaction with its writes (catch-up source for replicas).
-//! * `decisions`: txn id -> bincode [`Decision`]: first outcome of every
-//!   transaction id, for safe retries. Commit decisions are written with
-//!   their log entry in one sled transaction and synced before anyone hears
-//!   of them; abort decisions ride along unsynced (presumed abort).
+//! * `decisions`: txn id -> bincode [`Decision`]: the first outcome of a
+//!   transaction that aborted on a failed condition, for safe retries
+//!   (written with the batch's commits and synced before the client hears
+//!   it). A commit's decision is its log entry, which names the
+//!   transaction: the log is written with one sled batch per persist, and
+//!   which transaction committed at which index is kept in memory
+//!   ([`DecisionIndex`], rebuilt from the log's entries at start). Data
+//!   dirs written before this also hold commit decisions here; they are
+//!   read as a fallback and removed by compaction like the others.
+//! * `aborts`: 8-byte big-endian index ++ txn id -> nothing: each abort
+//!   decision filed under the last commit index when it was made, so that
+//!   compaction finds it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
@@ -65,8 +73,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use treaty_core::messages::{ClusterId, Incarnation, LogEntry};
@@ -129,13 +135,6 @@ fn encode_versioned(index: u64, value: &[u8]) -> Vec<u8> {
 fn decode_versioned(bytes: &[u8]) -> Versioned {
     let (version, value) = bytes.split_at(8);
     Versioned { value: value.to_vec(), version: u64::from_be_bytes(version.try_into().expect("8 bytes")) }
-}
-
-fn flatten(e: TransactionError<Error>) -> Error {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => Error::Storage(e.to_string()),
-    }
 }
 
 /// Makes everything written to a sled db so far durable (see module docs).
@@ -752,6 +751,18 @@ pub enum Decision {
     Aborted(String),
 }
 
+/// Which transaction ids have a decision in the coordinator's store, kept
+/// in memory so that a submission's duplicate check and a commit's record
+/// touch no sled tree but the log (see the module docs). Bounded by the log's
+/// retained window: compaction removes what it removes from the store.
+#[derive(Debug, Default)]
+struct DecisionIndex {
+    /// Commits in the log: txn id -> commit index.
+    commits: HashMap<TxnId, u64>,
+    /// Transactions with an abort decision in the `decisions` tree.
+    aborted: HashSet<TxnId>,
+}
+
 /// The coordinator's sled store: identity, decision log, outcomes.
 #[derive(Clone)]
 pub struct CoordinatorStore {
@@ -763,6 +774,18 @@ pub struct CoordinatorStore {
     /// Abort decisions filed by the commit index they came after:
     /// 8-byte big-endian index ++ 16-byte txn id -> nothing (for compaction).
     aborts: sled::Tree,
+    /// What the log and `decisions` hold, by txn id (changed only together
+    /// with them, under this lock).
+    index: Arc<Mutex<DecisionIndex>>,
+}
+
+/// The transaction id of a bincode [`LogEntry`] without decoding its writes
+/// (its fields are the index, 8 bytes, then the id, 16 bytes little-endian).
+fn log_entry_txn(bytes: &[u8]) -> Result<TxnId> {
+    bytes
+        .get(8..24)
+        .map(|b| TxnId(u128::from_le_bytes(b.try_into().expect("16 bytes"))))
+        .ok_or_else(|| Error::Storage(format!("corrupt log record: {} bytes", bytes.len())))
 }
 
 impl CoordinatorStore {
@@ -854,10 +877,23 @@ impl CoordinatorStore {
                 c
             }
         };
+        let log = db.open_tree("log").db()?;
+        let aborts = db.open_tree("aborts").db()?;
+        let mut index = DecisionIndex::default();
+        for item in log.iter() {
+            let (k, v) = item.db()?;
+            let at = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte index"));
+            index.commits.insert(log_entry_txn(&v)?, at);
+        }
+        for item in aborts.iter() {
+            let (k, _) = item.db()?;
+            index.aborted.insert(TxnId(u128::from_be_bytes(k[8..].try_into().expect("8-byte index ++ txn id"))));
+        }
         let store = CoordinatorStore {
-            log: db.open_tree("log").db()?,
+            log,
             decisions: db.open_tree("decisions").db()?,
-            aborts: db.open_tree("aborts").db()?,
+            aborts,
+            index: Arc::new(Mutex::new(index)),
             meta,
             dir: dir.to_path_buf(),
             db,
@@ -952,32 +988,45 @@ impl CoordinatorStore {
         })
     }
 
+    /// The recorded decision of a transaction id, if any (written, not
+    /// necessarily synced yet: the caller compares a commit's index with the
+    /// durable one). Only an abort's reason is read from disk.
     pub fn decision(&self, txn_id: TxnId) -> Result<Option<Decision>> {
+        {
+            let index = self.index.lock().unwrap();
+            if let Some(&i) = index.commits.get(&txn_id) {
+                return Ok(Some(Decision::Committed(i)));
+            }
+            if !index.aborted.contains(&txn_id) {
+                return Ok(None);
+            }
+        }
         self.decisions.get(txn_id.0.to_be_bytes()).db()?.map(|v| decode(&v, "decision")).transpose()
     }
 
-    /// Writes commit decisions and their log entries atomically. Not durable
-    /// until a sync.
+    /// Writes commits to the log, one sled batch for all of them (a crash
+    /// keeps all or none). Not durable until a sync.
     pub fn record_commits(&self, entries: &[LogEntry]) -> Result<()> {
-        (&self.log, &self.decisions)
-            .transaction(|(log, decisions)| {
-                for e in entries {
-                    log.insert(&e.index.to_be_bytes(), encode(e))?;
-                    decisions.insert(&e.txn_id.0.to_be_bytes(), encode(&Decision::Committed(e.index)))?;
-                }
-                Ok::<_, ConflictableTransactionError<Error>>(())
-            })
-            .map_err(flatten)
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&e.index.to_be_bytes(), encode(e));
+        }
+        let mut index = self.index.lock().unwrap();
+        self.log.apply_batch(batch).db()?;
+        index.commits.extend(entries.iter().map(|e| (e.txn_id, e.index)));
+        Ok(())
     }
 
     /// Records that a transaction aborted on a failed condition (unsynced),
     /// filed under `after`, the last commit index when it was decided: it
     /// is forgotten when the log is compacted past that index.
     pub fn record_abort(&self, txn_id: TxnId, reason: &str, after: u64) -> Result<()> {
+        let mut index = self.index.lock().unwrap();
         self.decisions.insert(txn_id.0.to_be_bytes(), encode(&Decision::Aborted(reason.to_string()))).db()?;
         let mut key = after.to_be_bytes().to_vec();
         key.extend_from_slice(&txn_id.0.to_be_bytes());
         self.aborts.insert(key, &[]).db()?;
+        index.aborted.insert(txn_id);
         Ok(())
     }
 
@@ -1002,17 +1051,20 @@ impl CoordinatorStore {
         }
         let (mut log, mut decisions, mut aborts) =
             (sled::Batch::default(), sled::Batch::default(), sled::Batch::default());
+        let (mut forget_commits, mut forget_aborts) = (Vec::new(), Vec::new());
         let mut reached = through;
         // From the start: entries a crash brought back below the mark go too.
         for (n, item) in self.log.range(..=through.to_be_bytes()).enumerate() {
             let (k, v) = item.db()?;
-            let e: LogEntry = decode(&v, "log")?;
             if n >= max {
-                reached = e.index - 1;
+                reached = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte index")) - 1;
                 break;
             }
+            let txn = log_entry_txn(&v)?;
             log.remove(k);
-            decisions.remove(&e.txn_id.0.to_be_bytes());
+            // Commit decisions of data dirs written before they moved to memory.
+            decisions.remove(&txn.0.to_be_bytes());
+            forget_commits.push(txn);
         }
         if reached <= done {
             return Ok(done);
@@ -1020,19 +1072,28 @@ impl CoordinatorStore {
         for item in self.aborts.range(..(reached + 1).to_be_bytes()) {
             let (k, _) = item.db()?;
             decisions.remove(&k[8..]);
+            forget_aborts.push(TxnId(u128::from_be_bytes(k[8..].try_into().expect("8-byte index ++ txn id"))));
             aborts.remove(k);
         }
+        let mut index = self.index.lock().unwrap();
         // The mark first: from here on nothing at or below it is served.
         self.meta.insert("compacted_through", &reached.to_be_bytes()).db()?;
         self.decisions.apply_batch(decisions).db()?;
         self.aborts.apply_batch(aborts).db()?;
         self.log.apply_batch(log).db()?;
+        for t in forget_commits {
+            index.commits.remove(&t);
+        }
+        for t in forget_aborts {
+            index.aborted.remove(&t);
+        }
         Ok(reached)
     }
 
     /// Log entries and decisions held (for status and tests).
     pub fn log_len(&self) -> (usize, usize) {
-        (self.log.len(), self.decisions.len())
+        let index = self.index.lock().unwrap();
+        (self.log.len(), index.commits.len() + index.aborted.len())
     }
 
     /// Log entries with index >= `from`, at most `max` of them and about
@@ -1348,6 +1409,36 @@ mod tests {
         assert_eq!(c1, c2);
         assert_eq!(s.last_index().unwrap(), 1);
         assert_eq!(s.decision(TxnId(1)).unwrap(), Some(Decision::Committed(1)));
+    }
+
+    #[test]
+    fn commit_decisions_are_the_log_and_are_found_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ps = vec!["a:1".to_string()];
+        let (s, _) = CoordinatorStore::open(dir.path(), &ps).unwrap();
+        let txn = TxnId(u128::MAX - 7);
+        let w = vec![Write::Put(b"k".to_vec(), vec![7; 300])];
+        s.record_commits(&[LogEntry { index: 1, txn_id: txn, writes: w.clone() }]).unwrap();
+        s.record_abort(TxnId(9), "k is missing", 1).unwrap();
+        // The id is read from the encoded entry without decoding its writes.
+        let raw = s.log.get(1u64.to_be_bytes()).unwrap().unwrap();
+        assert_eq!(log_entry_txn(&raw).unwrap(), decode::<LogEntry>(&raw, "log").unwrap().txn_id);
+        assert_eq!(s.decisions.len(), 1, "only the abort is in the decisions tree");
+        // A data dir of the layout before: the commit's decision in the tree too.
+        s.decisions.insert(TxnId(2).0.to_be_bytes(), encode(&Decision::Committed(2))).unwrap();
+        s.record_commits(&[LogEntry { index: 2, txn_id: TxnId(2), writes: vec![] }]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let (s, _) = reopen(|| CoordinatorStore::open(dir.path(), &ps)).unwrap();
+        assert_eq!(s.decision(txn).unwrap(), Some(Decision::Committed(1)));
+        assert_eq!(s.decision(TxnId(2)).unwrap(), Some(Decision::Committed(2)));
+        assert_eq!(s.decision(TxnId(9)).unwrap(), Some(Decision::Aborted("k is missing".into())));
+        assert_eq!(s.decision(TxnId(3)).unwrap(), None);
+        assert_eq!(s.log_len(), (2, 3));
+        assert_eq!(s.compact(1, 10).unwrap(), 1);
+        assert_eq!(s.decision(txn).unwrap(), None);
+        assert_eq!(s.decision(TxnId(9)).unwrap(), None);
+        assert_eq!(s.decisions.len(), 1, "the old-layout decision of index 2 stays with its entry");
     }
 
     #[test]
