@@ -603,10 +603,22 @@ impl Caller {
     }
 }
 
+/// What a listening port speaks after TLS: Treaty's RPC frames, or Redis's
+/// RESP (the front door of `treaty-resp`), which decides how a stranger is
+/// told what the port is and whether [`FrameGuard`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Wire {
+    #[default]
+    Rpc,
+    Resp,
+}
+
 /// Limits of one listening node (see the module docs).
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub security: Security,
+    /// The protocol spoken on the port.
+    pub wire: Wire,
     /// What this node is, for refusal messages (`participant 3`).
     pub role: String,
     pub max_connections: usize,
@@ -620,6 +632,7 @@ impl ServeConfig {
     pub fn new(security: Security, role: impl Into<String>) -> Self {
         ServeConfig {
             security,
+            wire: Wire::Rpc,
             role: role.into(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
@@ -653,9 +666,22 @@ not what was sent; use the `treaty` CLI or the treaty-client library. Closing.";
 const NEEDS_TLS: &str = "this node requires TLS with a certificate from its cluster's CA: pass --certs DIR \
 (TREATY_CERTS) instead of --insecure. Closing.";
 const NO_TLS: &str = "this node runs without TLS (it was started with --insecure): connect with --insecure. Closing.";
+const RESP_NEEDS_TLS: &str = "this port requires TLS with a client certificate from the cluster's CA: \
+redis-cli --tls --cacert CERTS/ca.pem --cert CERTS/client-NAME.pem --key CERTS/client-NAME.key (`treaty certs issue \
+CERTS client NAME` makes one). Closing.";
+const RESP_NO_TLS: &str = "this port runs without TLS (the node was started with --insecure): connect without --tls. \
+Closing.";
 
-async fn refuse(mut stream: TcpStream, line: String) {
-    let msg = format!("treaty: {line}\n");
+async fn refuse(stream: TcpStream, line: String) {
+    refuse_as(stream, Wire::Rpc, line).await
+}
+
+/// Tells a stranger one line in the port's own protocol, then closes.
+async fn refuse_as(mut stream: TcpStream, wire: Wire, line: String) {
+    let msg = match wire {
+        Wire::Rpc => format!("treaty: {line}\n"),
+        Wire::Resp => format!("-ERR {line}\r\n"),
+    };
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(msg.as_bytes()).await;
         let _ = stream.shutdown().await;
@@ -697,6 +723,14 @@ async fn establish(stream: TcpStream, peer: SocketAddr, cfg: &ServeConfig) -> Op
         return None;
     }
     match &cfg.security {
+        Security::Insecure if cfg.wire == Wire::Resp => {
+            if first[0] == 0x16 {
+                tracing::debug!(%peer, "closing connection: {RESP_NO_TLS}");
+                refuse_as(stream, Wire::Resp, RESP_NO_TLS.into()).await;
+                return None;
+            }
+            Some((Box::new(stream), Caller::Unauthenticated))
+        }
         Security::Insecure => {
             // A frame header's first byte is 0 (frames are under 16 MiB).
             if first[0] != 0 {
@@ -708,6 +742,11 @@ async fn establish(stream: TcpStream, peer: SocketAddr, cfg: &ServeConfig) -> Op
             Some((Box::new(stream), Caller::Unauthenticated))
         }
         Security::Tls(tls) => {
+            if first[0] != 0x16 && cfg.wire == Wire::Resp {
+                tracing::debug!(%peer, "closing connection: {RESP_NEEDS_TLS}");
+                refuse_as(stream, Wire::Resp, RESP_NEEDS_TLS.into()).await;
+                return None;
+            }
             if first[0] != 0x16 {
                 let why = if first[0] == 0 { NEEDS_TLS } else { NOT_TREATY };
                 tracing::debug!(%peer, "closing connection: {why}");
@@ -796,14 +835,15 @@ where
                 "{} is at its connection limit ({max}); retry later, or raise --max-connections (TREATY_MAX_CONNECTIONS)",
                 cfg.role
             );
-            tokio::spawn(refuse(stream, line));
+            tokio::spawn(refuse_as(stream, cfg.wire, line));
             continue;
         };
         let Ok(hs_permit) = handshakes.clone().try_acquire_owned() else {
             if full_log.ready() {
                 tracing::warn!(%peer, "too many connections in their handshake: refusing new ones");
             }
-            tokio::spawn(refuse(stream, "too many connections are in their handshake; retry shortly".into()));
+            let line = "too many connections are in their handshake; retry shortly".to_string();
+            tokio::spawn(refuse_as(stream, cfg.wire, line));
             continue;
         };
         let (handle, cfg) = (handle.clone(), cfg.clone());
@@ -811,7 +851,11 @@ where
             let established = establish(stream, peer, &cfg).await;
             drop(hs_permit);
             if let Some((io, caller)) = established {
-                let io: BoxIo = Box::new(FrameGuard::new(io, cfg.frame_timeout));
+                // RESP connections time their own requests (see `treaty-resp`).
+                let io: BoxIo = match cfg.wire {
+                    Wire::Rpc => Box::new(FrameGuard::new(io, cfg.frame_timeout)),
+                    Wire::Resp => io,
+                };
                 handle(io, caller).await;
                 tracing::debug!(%peer, "connection closed");
             }

@@ -23,6 +23,11 @@ pub struct Args {
     /// How long a write or read waits for a key held by a prepared transaction (ms).
     #[arg(long, env = "TREATY_LOCK_WAIT_MS", default_value_t = 2000)]
     pub lock_wait_ms: u64,
+    /// Also serve the Redis protocol (RESP2/RESP3) on this address, for
+    /// redis-cli and Redis client libraries (TLS with a client certificate
+    /// unless --insecure).
+    #[arg(long, env = "TREATY_REDIS", value_name = "ADDR")]
+    pub redis: Option<String>,
     #[command(flatten)]
     pub security: treaty_common::cli::SecurityArgs,
 }
@@ -42,10 +47,20 @@ pub async fn main_with(args: Args) -> i32 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if let Some(redis) = &args.redis {
+        if security.is_insecure() && !treaty_common::cli::is_loopback(redis) {
+            eprintln!(
+                "treaty-participant: --insecure is refused for --redis {redis}, which is not a loopback address: \
+                 without TLS anyone who can reach the port could read and change data. Pass --certs DIR instead"
+            );
+            return 2;
+        }
+    }
     let mut config = crate::Config::new(args.id, args.data_dir, args.coordinator, security);
     config.max_connections = args.security.max_connections;
     config.frame_timeout = Duration::from_millis(args.security.frame_timeout_ms.max(100));
     config.lock_wait = Duration::from_millis(args.lock_wait_ms);
+    config.redis = args.redis;
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
         eprintln!("treaty-participant: {e:#}");
         return 1;

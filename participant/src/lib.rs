@@ -85,6 +85,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long one frame may take to arrive (see `treaty_common::net`).
     pub frame_timeout: Duration,
+    /// Where the Redis-protocol front door listens (`--redis`), if anywhere
+    /// (see `treaty_resp`).
+    pub redis: Option<String>,
 }
 
 impl Config {
@@ -98,6 +101,7 @@ impl Config {
             security,
             max_connections: net::DEFAULT_MAX_CONNECTIONS,
             frame_timeout: net::FRAME_TIMEOUT,
+            redis: None,
         }
     }
 }
@@ -1408,6 +1412,32 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         frame_timeout: config.frame_timeout,
         ..ServeConfig::new(config.security.clone(), format!("participant {} at {addr}", config.id))
     };
+    let (stop_redis, redis_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(redis_addr) = &config.redis {
+        let redis = TcpListener::bind(redis_addr)
+            .await
+            .with_context(|| format!("cannot listen for Redis clients on {redis_addr} (--redis)"))?;
+        info!(addr = %redis.local_addr()?, "serving the Redis protocol");
+        // The door reaches the cluster as this participant, through itself
+        // first and then the participants the coordinator named.
+        let door_node = node.clone();
+        let door = Arc::new(treaty_resp::Door::new(
+            format!("participant {} at {addr}", config.id),
+            config.security.clone(),
+            move || {
+                let mut endpoints = vec![door_node.addr.clone()];
+                endpoints.extend(door_node.peers.lock().unwrap().values().map(|p| p.addr.clone()));
+                endpoints
+            },
+        ));
+        let cfg = ServeConfig {
+            role: format!("the Redis door of participant {} at {}", config.id, redis.local_addr()?),
+            ..serve_config.clone()
+        };
+        tokio::spawn(treaty_resp::serve(redis, door, cfg, async move {
+            let _ = redis_stopped.await;
+        }));
+    }
     let server_node = node.clone();
     let accept = net::serve(
         listener,
@@ -1422,6 +1452,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         _ = accept => Ok(()),
         Some(msg) = fatal_rx.recv() => Err(anyhow::anyhow!(msg)),
     };
+    let _ = stop_redis.send(());
     node.store.flush()?;
     info!(id = config.id, "participant stopped");
     result

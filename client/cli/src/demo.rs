@@ -34,6 +34,13 @@ pub struct DemoArgs {
     /// demo's cluster is first created.
     #[arg(long, env = "TREATY_REPLICATION")]
     pub replication: Option<usize>,
+    /// Participant 1 serves the Redis protocol on this port, participant 2
+    /// on the next, and so on (default: --port + 379, so 7379 to 7383).
+    #[arg(long)]
+    pub redis_port: Option<u16>,
+    /// Start no Redis-protocol doors.
+    #[arg(long, conflicts_with = "redis_port")]
+    pub no_redis: bool,
 }
 
 /// The demo's certificates directory, created (or completed with missing
@@ -102,7 +109,13 @@ pub fn run(args: DemoArgs) -> i32 {
         return 2;
     }
     let ports: Vec<u16> = (0..=args.participants as u16).map(|i| args.port + i).collect();
-    for p in &ports {
+    let redis_ports: Vec<u16> = if args.no_redis {
+        vec![]
+    } else {
+        let base = args.redis_port.unwrap_or(args.port.saturating_add(379));
+        (0..args.participants as u16).map(|i| base.saturating_add(i)).collect()
+    };
+    for p in ports.iter().chain(&redis_ports) {
         if std::net::TcpListener::bind(("127.0.0.1", *p)).is_err() {
             eprintln!("error: port {p} is in use (is another demo running?); pass --port to use other ports");
             return 3;
@@ -155,6 +168,7 @@ pub fn run(args: DemoArgs) -> i32 {
                 addr(ports[0]),
             ]
             .into_iter()
+            .chain(redis_ports.get(i).map(|p| format!("--redis={}", addr(*p))))
             .chain(security_args.iter().cloned())
             .collect::<Vec<String>>();
             nodes.push(spawn(&format!("participant {id}"), &pargs, logs.join(format!("participant-{id}.log")))?);
@@ -224,6 +238,15 @@ pub fn run(args: DemoArgs) -> i32 {
             "  (the CLI finds the client certificate by these endpoints; elsewhere pass --certs {})",
             certs.display()
         );
+    }
+    if let (Some(first), Some(last)) = (redis_ports.first(), redis_ports.last()) {
+        println!("Redis protocol: participants 1 to {} on ports {first} to {last}", redis_ports.len());
+        if args.insecure {
+            println!("  redis-cli -p {first}");
+        } else {
+            let c = certs.display();
+            println!("  redis-cli -p {first} --tls --cacert {c}/ca.pem --cert {c}/client-admin.pem --key {c}/client-admin.key");
+        }
     }
     let code = if args.no_repl || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         println!("Press Ctrl-C to stop the cluster.");
