@@ -9,6 +9,7 @@
 #   docker/cluster.sh status   `treaty status` inside the network
 #   docker/cluster.sh build    only build the binaries and the image
 #   docker/cluster.sh cli ARGS the host CLI with this cluster's endpoints and credentials
+#   docker/cluster.sh redis-cli [ARGS]  the host's redis-cli on participant 1's Redis door, with the certificates
 #   docker/cluster.sh backup DIR   copy the coordinator's data (stopped for the copy) and the certificates
 #   docker/cluster.sh restore DIR  put a backup's coordinator data back (refused by the cluster if it is old)
 #   docker/cluster.sh add-participant      start participant-6 and admit it (`treaty member add`)
@@ -20,7 +21,8 @@
 # the host CLI finds them without flags.
 #
 # Environment: TREATY_PROJECT (compose project name, default "treaty"),
-# TREATY_PORT_0..5 (host ports), TREATY_UP_TIMEOUT (seconds, default 90),
+# TREATY_PORT_0..5 (host ports), TREATY_REDIS_PORT_1..5 (host ports of the
+# Redis doors, default 7371..7375), TREATY_UP_TIMEOUT (seconds, default 90),
 # TREATY_IMAGE (the image to build and run, default treaty:<project>).
 set -euo pipefail
 
@@ -113,6 +115,7 @@ case "$cmd" in
     echo "Security: TLS with the cluster's own CA; certificates in $TREATY_CERTS_DIR"
     echo "Shell: docker/cluster.sh repl    Status: docker/cluster.sh status    Stop: docker/cluster.sh down"
     echo "From the host: target/$target/release/treaty put greeting hello   (or: docker/cluster.sh cli put greeting hello)"
+    echo "Redis protocol: 127.0.0.1:${TREATY_REDIS_PORT_1:-7371}..${TREATY_REDIS_PORT_5:-7375} with TLS (docker/cluster.sh redis-cli runs redis-cli with the certificates)"
     ;;
   wait) wait_healthy ;;
   down) dc down "$@" ;;
@@ -124,6 +127,13 @@ case "$cmd" in
     rm -rf "$TREATY_CERTS_DIR"
     ;;
   cli) "$host_cli" --certs "$TREATY_CERTS_DIR" --endpoints "$(host_endpoints)" "$@" ;;
+  redis-cli)
+    command -v redis-cli >/dev/null || { echo "cluster.sh: redis-cli is not installed (Debian: apt-get install redis-tools)" >&2; exit 1; }
+    port=$(dc port participant-1 6379 | sed 's/.*://')
+    [ -n "$port" ] || { echo "cluster.sh: participant-1 is not running (docker/cluster.sh up)" >&2; exit 1; }
+    exec redis-cli -p "$port" --tls --cacert "$TREATY_CERTS_DIR/ca.pem" \
+      --cert "$TREATY_CERTS_DIR/client-admin.pem" --key "$TREATY_CERTS_DIR/client-admin.key" "$@"
+    ;;
   backup)
     dest="${1:?usage: docker/cluster.sh backup DIR}"
     [ ! -e "$dest" ] || { echo "cluster.sh: $dest exists; pick a new directory" >&2; exit 2; }
@@ -173,7 +183,7 @@ case "$cmd" in
   status) dc run --rm -T client status ;;
   compose) dc "$@" ;;
   *)
-    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|backup|restore|add-participant|remove-participant|build|wait|compose ARGS" >&2
+    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|redis-cli|backup|restore|add-participant|remove-participant|build|wait|compose ARGS" >&2
     exit 2
     ;;
 esac

@@ -29,6 +29,8 @@ failures=""
 
 # Host ports: let docker pick free ones so tests never collide.
 export TREATY_PORT_0=0 TREATY_PORT_1=0 TREATY_PORT_2=0 TREATY_PORT_3=0 TREATY_PORT_4=0 TREATY_PORT_5=0 TREATY_PORT_6=0
+export TREATY_REDIS_PORT_1=0 TREATY_REDIS_PORT_2=0 TREATY_REDIS_PORT_3=0 TREATY_REDIS_PORT_4=0 TREATY_REDIS_PORT_5=0 \
+  TREATY_REDIS_PORT_6=0
 
 dc() { "${compose[@]}" -p "$project" -f "$here/docker-compose.yml" "$@"; }
 cid() { dc ps -q "$1"; }
@@ -352,7 +354,9 @@ PY
 # killing two replicas of a key's partition refuses writes to it and not to
 # a partition on the other three; back, it takes writes again.
 test_replication3_partition_down() {
-  tx 1 status | grep -q "replication 3 of 5 (256 partitions)" || fail "status does not show replication 3" || return 1
+  # Matched in a variable: `| grep -q` under pipefail fails when grep quits first.
+  local status; status=$(tx 1 status)
+  grep -q "replication 3 of 5 (256 partitions)" <<<"$status" || fail "status does not show replication 3: $status" || return 1
   local pairs="" script=""
   for i in $(seq 1 30); do pairs="$pairs"$'\n'"p/$i v$i"; script="$script"$'\n'"put p/$i v$i"; done
   pairs=${pairs#$'\n'}
@@ -403,7 +407,8 @@ test_add_and_remove_participant() {
   out=$(TREATY_PROJECT="$project" TREATY_PORT_6=0 "$here/cluster.sh" add-participant 2>&1) || fail "add-participant: $out" || return 1
   grep -q "participant 6 is active and in the view" <<<"$out" || fail "add-participant said: $out" || return 1
   echo "    $(grep "participant 6 is" <<<"$out")"
-  tx 1 status | grep -q "members \[1, 2, 3, 4, 5, 6\]" || fail "participant 6 is not in the view: $(tx 1 status)" || return 1
+  local status; status=$(tx 1 status)
+  grep -q "members \[1, 2, 3, 4, 5, 6\]" <<<"$status" || fail "participant 6 is not in the view: $status" || return 1
   p6=$(dc --profile participant-6 ps -q participant-6)
   for i in 1 13 20; do
     [ "$(docker exec "$p6" /usr/local/bin/treaty --endpoints participant-6:7006 get "m/$i")" = "v$i" ] ||
@@ -419,10 +424,41 @@ test_add_and_remove_participant() {
     fail "participant 6 does not serve the write made after the removal" || return 1
 }
 
+# The Redis door of each container, from the host's redis-cli with the
+# cluster's certificates: a write through one door reads back through the
+# others, concurrent INCRs through two doors count exactly, and with a
+# participant killed writes go on through the doors left.
+test_redis_door() {
+  if ! command -v redis-cli >/dev/null; then
+    apt-get install -y -q redis-tools >/dev/null 2>&1 || fail "redis-cli is missing and apt-get could not install it" || return 1
+  fi
+  local certs="$TREATY_CERTS_DIR"
+  rc() { local n=$1; shift; redis-cli -p "$(hostport participant-$n 6379)" --tls --cacert "$certs/ca.pem" \
+    --cert "$certs/client-admin.pem" --key "$certs/client-admin.key" "$@"; }
+  [ "$(TREATY_PROJECT="$project" "$here/cluster.sh" redis-cli SET door/greeting hello)" = OK ] ||
+    fail "cluster.sh redis-cli SET" || return 1
+  local i
+  for i in 2 3 4 5; do
+    [ "$(rc "$i" GET door/greeting)" = hello ] || fail "participant $i's door does not read door/greeting" || return 1
+  done
+  for i in $(seq 1 25); do rc 1 INCR door/n >/dev/null & rc 2 INCR door/n >/dev/null & done
+  wait
+  [ "$(rc 3 GET door/n)" = 50 ] || fail "50 INCRs through two doors counted $(rc 3 GET door/n)" || return 1
+  docker kill "$(cid participant-4)" >/dev/null
+  [ "$(rc 1 SET door/after-kill yes)" = OK ] || fail "a write through a door with participant 4 down" || return 1
+  [ "$(rc 5 GET door/after-kill)" = yes ] || fail "participant 5's door does not read the write" || return 1
+  # Plaintext on the door: told to use TLS, and nothing else happens.
+  local port out; port=$(hostport participant-2 6379)
+  out=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$port; printf 'SET door/greeting plain\\r\\n' >&3; cat <&3" 2>&1 || true)
+  grep -q "requires TLS" <<<"$out" || fail "plaintext on the door got: $out" || return 1
+  [ "$(rc 2 GET door/greeting)" = hello ] || fail "the plaintext SET changed door/greeting" || return 1
+  dc start participant-4 >/dev/null 2>&1
+}
+
 all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
   network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
   bad_configuration_exits_with_a_message shell_history_survives replication3_partition_down
-  add_and_remove_participant)
+  add_and_remove_participant redis_door)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

@@ -118,6 +118,9 @@ pub struct Cluster {
     initial: usize,
     /// Participants removed for good: left out of the helpers below.
     removed: std::collections::BTreeSet<usize>,
+    /// Ports of the participants' Redis-protocol doors (`--redis`), once
+    /// [`Cluster::enable_redis`] asked for them.
+    pub redis_ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -158,7 +161,13 @@ impl Cluster {
             insecure: false,
             initial: n,
             removed: Default::default(),
+            redis_ports: vec![],
         }
+    }
+
+    /// Gives every participant a Redis-protocol door (before spawning).
+    pub fn enable_redis(&mut self) {
+        self.redis_ports = free_ports(self.n());
     }
 
     /// Makes room for one more participant (the next id, with its own port
@@ -254,6 +263,9 @@ impl Cluster {
                 None => self.addr(0),
             };
             cmd.arg("--data-dir").arg(self.data_dir(i)).arg("--coordinator").arg(coordinator);
+            if let Some(port) = self.redis_ports.get(i - 1) {
+                cmd.arg("--redis").arg(format!("127.0.0.1:{port}"));
+            }
         }
         cmd.args(self.security_args());
         for var in ["TREATY_FAILPOINTS", "TREATY_CERTS", "TREATY_INSECURE", "TREATY_MAX_CONNECTIONS"] {
@@ -496,4 +508,62 @@ pub fn set_fd_limit(pid: u32, limit: u64) {
     // SAFETY: prlimit reads `new` and writes nothing when `old` is null.
     let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
     assert_eq!(r, 0, "prlimit failed: {}", std::io::Error::last_os_error());
+}
+
+/// Runs `cmd` and says whether it exited successfully.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Makes sure Debian's `redis-tools` (redis-cli, redis-benchmark) are
+/// installed, installing them with apt-get if not: the Redis-protocol tests
+/// run real third-party clients. Panics with what to do if that fails.
+pub fn redis_tools() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if succeeds(Command::new("redis-cli").arg("--version")) {
+            return;
+        }
+        let installed = succeeds(Command::new("apt-get").arg("update").arg("-q"))
+            && succeeds(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends", "redis-tools"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            );
+        assert!(
+            installed && succeeds(Command::new("redis-cli").arg("--version")),
+            "redis-cli is missing and `apt-get install redis-tools` failed: install Debian's redis-tools to run \
+             the Redis-protocol tests"
+        );
+    });
+}
+
+/// A `PYTHONPATH` under which `python3` can `import redis` (PyPI's redis-py,
+/// installed with pip into the target directory if it is not installed).
+pub fn redis_py() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| workspace.join("target"));
+        let dir = target.join("redis-py");
+        // Run from the target directory: from the workspace, a directory
+        // named `redis` could pass for the package.
+        let importable = |dir: &Path| {
+            succeeds(Command::new("python3").args(["-c", "import redis"]).env("PYTHONPATH", dir).current_dir(&target))
+        };
+        if !importable(&dir) {
+            let pip = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+                .arg(&dir)
+                .arg("redis>=5,<6")
+                .status();
+            assert!(
+                pip.is_ok_and(|s| s.success()) && importable(&dir),
+                "could not install redis-py with pip into {}: the Redis-protocol tests need python3 with pip",
+                dir.display()
+            );
+        }
+        dir
+    })
+    .clone()
 }
