@@ -150,7 +150,7 @@ async fn increments_through_a_door_stay_exact_when_a_participant_is_killed() {
     // redis-benchmark run of INCRs instead, with a participant killed
     // (SIGKILL) in the middle of it and restarted after.
     let n = 3000;
-    let mut bench = tool(&c, "redis-benchmark", 1)
+    let bench = tool(&c, "redis-benchmark", 1)
         .args(["-t", "incr", "-c", "4", "-n", &n.to_string(), "--csv"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
