@@ -27,8 +27,8 @@
 //! * Keys never expire (SET's EX/PX options are refused); keys must be 1 to
 //!   1024 bytes and values at most 1 MiB, as everywhere in Treaty; there is
 //!   one database (SELECT 0).
-//! * Writes from clients of one door to the same key queue behind each other
-//!   here ([`Door::stripes`]), so contention among them costs no retries;
+//! * Read-modify-write runs from clients of one door queue behind each other
+//!   per key here ([`KeyQueues`]), so contention among them costs no retries;
 //!   across doors, a changed version makes the run retry (up to
 //!   [`MAX_ATTEMPTS`] times, then `TRYAGAIN`).
 //!
@@ -78,7 +78,7 @@ pub const MAX_INLINE: usize = 64 * 1024;
 pub const MAX_RUN: usize = 256;
 /// ... touching at most this many keys (a transaction holds 1024
 /// conditions and writes) ...
-pub const MAX_RUN_KEYS: usize = 480;
+pub const MAX_RUN_KEYS: usize = 64;
 /// ... and carrying at most this many bytes.
 pub const MAX_RUN_BYTES: usize = 3 * 1024 * 1024;
 /// Times a run is tried when keys it read change before it commits.
@@ -89,8 +89,6 @@ pub const CURSOR_TTL: Duration = Duration::from_secs(600);
 pub const MAX_CURSORS: usize = 10_000;
 /// KEYS answers at most this many keys (SCAN lists any number).
 pub const MAX_KEYS_REPLY: usize = 100_000;
-/// Stripes of the door's write queue (see [`Door::stripes`]).
-const STRIPES: usize = 256;
 /// The Redis version clients are told (the commands and replies follow 7.0).
 pub const REDIS_VERSION: &str = "7.0.0";
 
@@ -104,10 +102,10 @@ pub struct Door {
     security: Security,
     /// Who serves here, for INFO (`participant 3 at 127.0.0.1:7003`).
     role: String,
-    /// Runs that read and write hold the stripes of their keys, taken in
-    /// order, so that writers of one key through this door wait for each
-    /// other instead of failing each other's conditions.
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Runs that read and write queue here for their keys, so that writers
+    /// of one key through this door wait for each other instead of failing
+    /// each other's conditions.
+    queues: KeyQueues,
     /// SCAN cursors: number -> where the next page starts.
     cursors: Mutex<HashMap<u64, (Key, Instant)>>,
     next_client_id: AtomicU64,
@@ -125,7 +123,7 @@ impl Door {
             endpoints: Box::new(endpoints),
             security,
             role,
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            queues: KeyQueues::default(),
             cursors: Mutex::new(HashMap::new()),
             next_client_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
@@ -145,15 +143,6 @@ impl Door {
         *self.client.write().unwrap() = (now, client);
     }
 
-    fn stripe(key: &[u8]) -> usize {
-        // FNV-1a: any spread will do.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        (h % STRIPES as u64) as usize
-    }
-
     /// Runs data commands as one transaction (see [`engine`]); `watched`
     /// are WATCHed keys with the versions seen then. `None`: a watched key
     /// changed, so nothing ran (EXEC's nil).
@@ -163,16 +152,12 @@ impl Door {
         read.extend(watched.keys().cloned());
         let writes = cmds.iter().any(|c| !c.writes().is_empty());
         let mode = if stale && !writes { ReadMode::Stale } else { ReadMode::Linearizable };
-        // Read-modify-write runs queue per key here (see `stripes`).
-        let mut stripes: Vec<usize> = Vec::new();
+        // Read-modify-write runs queue per key here (see `queues`).
+        let mut _held = None;
         if writes && !read.is_empty() {
-            stripes = read.iter().chain(cmds.iter().flat_map(|c| c.writes())).map(|k| Self::stripe(k)).collect();
-            stripes.sort_unstable();
-            stripes.dedup();
-        }
-        let mut _held = Vec::with_capacity(stripes.len());
-        for s in stripes {
-            _held.push(self.stripes[s].lock().await);
+            let keys: BTreeSet<Key> =
+                read.iter().cloned().chain(cmds.iter().flat_map(|c| c.writes()).cloned()).collect();
+            _held = Some(self.queues.hold(keys).await);
         }
         let all_err = |e: &Error| Some(vec![Reply::from_error(e); cmds.len()]);
         for attempt in 0..MAX_ATTEMPTS {
@@ -360,6 +345,47 @@ impl Door {
             text.push_str(&format!("\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"));
         }
         Reply::Bulk(text.into_bytes())
+    }
+}
+
+/// A FIFO queue per key, for read-modify-write runs: a run takes its keys
+/// in order (so two runs never wait for each other in a circle) and holds
+/// them until its transaction is decided. Only keys someone holds or waits
+/// for have an entry.
+#[derive(Default)]
+struct KeyQueues {
+    keys: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Keys held by one run; released when dropped.
+struct Held<'a> {
+    queues: &'a KeyQueues,
+    keys: BTreeSet<Key>,
+    guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyQueues {
+    async fn hold(&self, keys: BTreeSet<Key>) -> Held<'_> {
+        let mut guards = Vec::with_capacity(keys.len());
+        for k in &keys {
+            let queue = self.keys.lock().unwrap().entry(k.clone()).or_default().clone();
+            guards.push(queue.lock_owned().await);
+        }
+        Held { queues: self, keys, guards }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.guards.clear();
+        let mut map = self.queues.keys.lock().unwrap();
+        for k in &self.keys {
+            // Nobody else holds or waits for it (they would hold a clone,
+            // made under this lock): forget it.
+            if map.get(k).is_some_and(|q| Arc::strong_count(q) == 1) {
+                map.remove(k);
+            }
+        }
     }
 }
 
@@ -913,6 +939,20 @@ mod tests {
             out.push(r.into_iter().map(|w| String::from_utf8(w).unwrap()).collect());
         }
         Ok(out)
+    }
+
+    #[tokio::test]
+    async fn key_queues_hold_keys_until_the_run_ends_and_forget_them_after() {
+        let q = KeyQueues::default();
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.as_bytes().to_vec()).collect::<BTreeSet<Key>>();
+        let first = q.hold(keys(&["a", "b"])).await;
+        // A run on b waits; one on c does not.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), q.hold(keys(&["b"]))).await;
+        assert!(waiting.is_err(), "b is held");
+        drop(q.hold(keys(&["c"])).await);
+        drop(first);
+        drop(q.hold(keys(&["b", "c"])).await);
+        assert!(q.keys.lock().unwrap().is_empty(), "nothing is kept for keys nobody holds");
     }
 
     #[test]
