@@ -26,6 +26,22 @@ pub struct SecurityArgs {
     /// first byte, or the connection is closed; raise it only for very slow links.
     #[arg(long, env = "TREATY_FRAME_TIMEOUT_MS", default_value_t = crate::net::FRAME_TIMEOUT.as_millis() as u64)]
     pub frame_timeout_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (and, on the
+    /// coordinator, the live status page at http://ADDR/): plain HTTP with
+    /// operational numbers only, so bind it to a private address.
+    #[arg(long, env = "TREATY_METRICS", value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Log lines as text, or as one JSON object per line for log shippers.
+    #[arg(long, env = "TREATY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How servers write their log lines (stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Whether every address `listen` resolves to is a loopback address.

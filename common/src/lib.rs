@@ -72,14 +72,18 @@ pub async fn start_server(program: &str, listen: &str) -> Result<tokio::net::Tcp
 }
 
 /// Sets up tracing to stderr, filtered by `RUST_LOG` (default `info,tarpc=error`).
-pub fn init_tracing() {
+pub fn init_tracing(format: cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // tarpc warns about every peer that disconnects without a TLS
-        // close_notify, which clients do routinely: keep its errors only.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=error"));
-    // Colour codes only on a terminal: log files and `docker logs` stay plain.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+        // tarpc reports every failed call and every peer that disconnects
+        // without a TLS close_notify (clients do that routinely); Treaty logs
+        // what matters of those itself, once per change (see `net::Peer`).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=off"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        cli::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        // Colour codes only on a terminal: log files and `docker logs` stay plain.
+        cli::LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+    };
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what `docker stop` and `treaty demo` send).

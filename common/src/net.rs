@@ -411,11 +411,47 @@ pub struct Peer<C> {
     /// a connection wedged so badly that tarpc never reports the deadline
     /// (a peer that accepts bytes but never reads them) still gives up.
     max_call: Duration,
+    /// With [`Peer::logging_reachability`]: since when calls have failed to
+    /// reach the peer (`None`: the last call did), so that a peer going
+    /// away and coming back is logged once each way, not once per call.
+    down_since: Option<Mutex<Option<Instant>>>,
 }
 
 impl<C: RpcClient> Peer<C> {
     pub fn new(name: String, addr: String, security: Security, expect: Expect) -> Self {
-        Peer { name, addr, security, expect, slot: tokio::sync::Mutex::new(None), max_call: Duration::from_secs(30) }
+        Peer {
+            name,
+            addr,
+            security,
+            expect,
+            slot: tokio::sync::Mutex::new(None),
+            max_call: Duration::from_secs(30),
+            down_since: None,
+        }
+    }
+
+    /// Logs when the peer stops answering (WARN, with the error) and when it
+    /// answers again (INFO, with how long it was away): once per change,
+    /// however many calls fail in between.
+    pub fn logging_reachability(mut self) -> Self {
+        self.down_since = Some(Mutex::new(None));
+        self
+    }
+
+    fn reached(&self, ok: bool, error: impl FnOnce() -> String) {
+        let Some(down) = &self.down_since else { return };
+        let mut down = down.lock().unwrap();
+        match (ok, *down) {
+            (true, Some(since)) => {
+                *down = None;
+                tracing::info!(peer = %self.name, down_ms = since.elapsed().as_millis() as u64, "peer reachable again");
+            }
+            (false, None) => {
+                *down = Some(Instant::now());
+                tracing::warn!(peer = %self.name, error = %error(), "peer unreachable; retrying quietly until it answers");
+            }
+            _ => {}
+        }
     }
 
     /// Sets the hard bound on one call (see the field's docs).
@@ -469,6 +505,16 @@ impl<C: RpcClient> Peer<C> {
     /// Like [`Peer::call_raw`], and also whether the request may have reached
     /// the peer (`false`: no connection could be opened, nothing was sent).
     pub async fn call_raw_sent<R, F, Fut>(&self, f: F) -> (Result<R>, bool)
+    where
+        F: Fn(C) -> Fut,
+        Fut: Future<Output = Result<R, RpcError>>,
+    {
+        let (result, sent) = self.call_once_or_twice(f).await;
+        self.reached(result.is_ok(), || result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+        (result, sent)
+    }
+
+    async fn call_once_or_twice<R, F, Fut>(&self, f: F) -> (Result<R>, bool)
     where
         F: Fn(C) -> Fut,
         Fut: Future<Output = Result<R, RpcError>>,

@@ -56,6 +56,7 @@ pub struct Args {
 
 /// Runs the server as the binary does; returns only on shutdown or error.
 pub async fn main_with(args: Args) -> i32 {
+    treaty_common::init_tracing(args.security.log_format);
     let listener = match treaty_common::start_server("treaty-coordinator", &args.listen).await {
         Ok(l) => l,
         Err(code) => return code,
@@ -95,6 +96,7 @@ pub async fn main_with(args: Args) -> i32 {
         }
     }
     config.replication = args.replication;
+    config.metrics = args.security.metrics.clone();
     config.retain_commits = args.retain_commits.max(1);
     config.retain_for = Duration::from_secs(args.retain_secs);
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {

@@ -41,6 +41,7 @@
 //! `coordinator::after_first_commit` (participant 1 told, the rest not).
 
 pub mod cli;
+mod observe;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -50,6 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use tarpc::context::Context;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -102,6 +104,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long one frame may take to arrive (see `treaty_common::net`).
     pub frame_timeout: Duration,
+    /// Where Prometheus metrics and the status page are served
+    /// (`--metrics`), if anywhere.
+    pub metrics: Option<String>,
 }
 
 impl Config {
@@ -119,6 +124,7 @@ impl Config {
             security,
             max_connections: net::DEFAULT_MAX_CONNECTIONS,
             frame_timeout: net::FRAME_TIMEOUT,
+            metrics: None,
         }
     }
 }
@@ -157,6 +163,8 @@ struct Coordinator {
     compacted: AtomicU64,
     config: Config,
     clock: Instant,
+    /// Recent traffic for the status page (see `observe`).
+    observe: observe::Observer,
 }
 
 fn fatal_storage(what: &str, e: Error) -> ! {
@@ -191,6 +199,7 @@ impl Coordinator {
             if result.is_ok() {
                 self.committed.fetch_add(1, Ordering::Relaxed);
             }
+            observe::count(&result);
             for w in waiters {
                 let _ = w.send(result.clone());
             }
@@ -214,9 +223,11 @@ impl Coordinator {
                         items,
                     };
                     self.rpcs.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(treaty_metrics::MESSAGES).increment(1);
                     let me = self.clone();
                     tokio::spawn(async move {
                         crash_point!("coordinator::before_prepare");
+                        let sent = Instant::now();
                         let timeout = me.config.prepare_timeout;
                         let answer = match me.peer(to) {
                             Some(peer) => {
@@ -228,6 +239,7 @@ impl Coordinator {
                             }
                             None => Err(Error::Unavailable(format!("participant {to} is no longer in the cluster"))),
                         };
+                        metrics::histogram!(treaty_metrics::PREPARE_SECONDS).record(sent.elapsed().as_secs_f64());
                         me.step(|core, now| core.prepared(to, batch, answer, now));
                     });
                 }
@@ -274,6 +286,7 @@ impl Coordinator {
     /// the rest after (the `after_first_commit` failpoint sits between).
     fn send_decide(self: &Arc<Self>, mut batches: Vec<Outcomes>, commits: bool) {
         self.rpcs.fetch_add(batches.len() as u64, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::MESSAGES).increment(batches.len() as u64);
         let me = self.clone();
         tokio::spawn(async move {
             let cluster = me.cluster;
@@ -323,7 +336,9 @@ impl Coordinator {
 
     async fn submit(self: &Arc<Self>, txn: Txn) -> Result<Committed> {
         self.rpcs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
         txn.validate()?;
+        let started = Instant::now();
         let rx = {
             let mut p = self.protocol.lock().unwrap();
             if let Some(d) = self.durable_decision(&p.core, txn.id)? {
@@ -334,7 +349,9 @@ impl Coordinator {
             rx
         };
         self.step(|core, now| core.submit(txn, now));
-        rx.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is shutting down".into())))
+        let result = rx.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is shutting down".into())));
+        self.observe.answered(&result, started.elapsed());
+        result
     }
 
     /// The connection to participant `id`, unless it was removed.
@@ -547,6 +564,7 @@ impl Coordinator {
                 });
             }
             self.step(|core, now| core.tick(now));
+            self.update_gauges();
         }
     }
 
@@ -625,6 +643,7 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
     while let Some((commits, aborts)) = rx.recv().await {
         crash_point!("coordinator::before_decision");
         let store = me.store.clone();
+        let started = Instant::now();
         let last = commits.last().map(|e| e.index);
         let after = last.unwrap_or_else(|| me.last_index.load(Ordering::Acquire));
         let (d, written) = tokio::task::spawn_blocking(move || {
@@ -643,6 +662,8 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
         durability = d;
         written.unwrap_or_else(|e| fatal_storage("recording decisions", e));
         me.syncs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::SYNCS).increment(1);
+        metrics::histogram!(treaty_metrics::DECISION_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
         crash_point!("coordinator::after_decision_sync");
         if let Some(last) = last {
             me.last_index.fetch_max(last, Ordering::AcqRel);
@@ -715,7 +736,7 @@ fn participant_peer(config: &Config, id: u64, addr: &str) -> Peer<ParticipantSer
         config.security.clone(),
         Expect::Participant(id),
     );
-    peer.with_max_call(max_call)
+    peer.with_max_call(max_call).logging_reachability()
 }
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -792,7 +813,20 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         compacted: AtomicU64::new(compacted),
         config,
         clock: Instant::now(),
+        observe: observe::Observer::new(),
     });
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(metrics_addr) = coord.config.metrics.clone() {
+        treaty_metrics::install();
+        let metrics_listener = TcpListener::bind(&metrics_addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {metrics_addr} (--metrics)"))?;
+        info!(addr = %metrics_listener.local_addr()?, "serving metrics at /metrics and the status page at /");
+        tokio::spawn(coord.clone().sampler());
+        tokio::spawn(treaty_metrics::serve(metrics_listener, observe::routes(coord.clone()), async move {
+            let _ = metrics_stopped.await;
+        }));
+    }
     tokio::spawn(persister(coord.clone(), durability, persist_rx));
     tokio::spawn(coord.clone().monitor());
     tokio::spawn(coord.clone().compactor());
@@ -807,6 +841,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         shutdown,
     )
     .await;
+    let _ = stop_metrics.send(());
     coord.store.flush()?;
     info!("coordinator stopped");
     Ok(())

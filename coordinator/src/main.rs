@@ -4,7 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
-    treaty_common::init_tracing();
     let args = treaty_coordinator::cli::Args::parse();
     std::process::exit(treaty_coordinator::cli::main_with(args).await);
 }

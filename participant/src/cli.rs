@@ -34,6 +34,7 @@ pub struct Args {
 
 /// Runs the server as the binary does; returns only on shutdown or error.
 pub async fn main_with(args: Args) -> i32 {
+    treaty_common::init_tracing(args.security.log_format);
     if args.id == 0 {
         eprintln!("treaty-participant: --id must be 1 or more (its position in the coordinator's --participants)");
         return 2;
@@ -61,6 +62,7 @@ pub async fn main_with(args: Args) -> i32 {
     config.frame_timeout = Duration::from_millis(args.security.frame_timeout_ms.max(100));
     config.lock_wait = Duration::from_millis(args.lock_wait_ms);
     config.redis = args.redis;
+    config.metrics = args.security.metrics.clone();
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {
         eprintln!("treaty-participant: {e:#}");
         return 1;

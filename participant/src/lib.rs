@@ -88,6 +88,8 @@ pub struct Config {
     /// Where the Redis-protocol front door listens (`--redis`), if anywhere
     /// (see `treaty_resp`).
     pub redis: Option<String>,
+    /// Where Prometheus metrics are served (`--metrics`), if anywhere.
+    pub metrics: Option<String>,
 }
 
 impl Config {
@@ -102,6 +104,7 @@ impl Config {
             max_connections: net::DEFAULT_MAX_CONNECTIONS,
             frame_timeout: net::FRAME_TIMEOUT,
             redis: None,
+            metrics: None,
         }
     }
 }
@@ -218,6 +221,7 @@ impl Node {
     /// are written (or, if this request is dropped, that they never will
     /// be): see [`Logging`].
     async fn prepare(&self, req: PrepareBatch) -> Result<Vec<Result<Vote>>> {
+        let started = Instant::now();
         let (checked, placement) = {
             let mut standing = self.standing.lock().unwrap();
             let checked = standing
@@ -252,6 +256,12 @@ impl Node {
                 None => &*item.txn,
             };
             let vote = self.prepare_one(txn, item.attempt, give_up, &mut logging.records, &mut sync_needed).await;
+            let label = match &vote {
+                Ok(Vote::Yes) => "yes",
+                Ok(Vote::No(_)) => "no",
+                Err(_) => "error",
+            };
+            metrics::counter!(treaty_metrics::VOTES, "vote" => label).increment(1);
             votes.push(vote);
         }
         let count = logging.records.len();
@@ -269,6 +279,7 @@ impl Node {
             crash_point!("participant::after_prepare_sync");
             debug!(count, "prepared");
         }
+        metrics::histogram!(treaty_metrics::VOTE_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(votes)
     }
 
@@ -457,8 +468,11 @@ impl Node {
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
         treaty_common::types::check_key(&key)?;
         if let Some(placement) = self.partitioned().filter(|p| !p.holds(self.id, &key)) {
+            metrics::counter!(treaty_metrics::READS, "mode" => "forwarded").increment(1);
             return self.forward_get(&placement, key, stale).await;
         }
+        let mode = if stale { "stale" } else { "linearizable" };
+        metrics::counter!(treaty_metrics::READS, "mode" => mode).increment(1);
         if !stale {
             self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
         } else {
@@ -764,6 +778,7 @@ impl Node {
                     }
                 }
                 crash_point!("participant::before_apply");
+                let apply_started = Instant::now();
                 let store = self.store.clone();
                 let (store_result, batch) = tokio::task::spawn_blocking(move || {
                     let r = store.apply_data(&batch).and_then(|()| {
@@ -781,10 +796,33 @@ impl Node {
                 crash_point!("participant::after_apply");
                 self.core.lock().unwrap().applied(last);
                 self.applied_count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                metrics::counter!(treaty_metrics::APPLIED).increment(batch.len() as u64);
+                metrics::histogram!(treaty_metrics::APPLY_SECONDS).record(apply_started.elapsed().as_secs_f64());
                 debug!(through = last, count = batch.len(), "applied");
                 self.bump();
             }
         }
+    }
+
+    /// Refreshes this participant's gauges (every check-in tick).
+    fn update_gauges(&self) {
+        use treaty_metrics as m;
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        {
+            let standing = self.standing.lock().unwrap();
+            let lease = standing.lease_ms(self.now_ms()).unwrap_or(0);
+            metrics::gauge!(m::LEASE_SECONDS).set(lease as f64 / 1000.0);
+            metrics::gauge!(m::MEMBER).set(flag(standing.member()));
+            metrics::gauge!(m::READY).set(flag(standing.ready()));
+        }
+        {
+            let core = self.core.lock().unwrap();
+            metrics::gauge!(m::APPLIED_INDEX).set(core.applied_index() as f64);
+            metrics::gauge!(m::PREPARED).set(core.prepared_count() as f64);
+        }
+        metrics::gauge!(m::INSTALLING).set(flag(self.installing.load(Ordering::Acquire)));
+        metrics::gauge!(m::INSTALL_KEYS).set(self.install_keys.load(Ordering::Relaxed) as f64);
+        metrics::counter!(m::SYNCS).absolute(self.sync.count());
     }
 
     /// Checks in with the coordinator every tick (see module docs).
@@ -799,6 +837,7 @@ impl Node {
                 _ = self.catch_up.notified() => { behind_ticks = STUCK_TICKS; }
                 _ = self.check_in.notified() => {}
             }
+            self.update_gauges();
             let (ready, cluster, following, seen_index) = {
                 let st = self.standing.lock().unwrap();
                 (st.ready(), st.cluster(), st.following(), st.seen_index())
@@ -987,6 +1026,7 @@ impl Node {
             let Some(last) = entries.last().map(|e| e.index) else { break };
             let full = entries.len() == 1024;
             fetched += entries.len() as u64;
+            metrics::counter!(treaty_metrics::CATCH_UP_ENTRIES).increment(entries.len() as u64);
             let mut retired = Vec::new();
             {
                 let mut core = self.core.lock().unwrap();
@@ -1199,6 +1239,7 @@ impl ParticipantService for Server {
     async fn prepare(self, _: Context, batch: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         self.caller.require_coordinator("PREPARE")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
         self.node.refuse_while_installing()?;
         self.node.prepare(batch).await
     }
@@ -1214,6 +1255,7 @@ impl ParticipantService for Server {
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
         self.node.refuse_while_installing()?;
         let checked = self.node.standing.lock().unwrap().check_decide(cluster, from);
         self.node.checked(checked)?;
@@ -1250,6 +1292,7 @@ impl ParticipantService for Server {
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
         txn.validate()?;
         let (result, sent) = self
             .node
@@ -1412,6 +1455,17 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         frame_timeout: config.frame_timeout,
         ..ServeConfig::new(config.security.clone(), format!("participant {} at {addr}", config.id))
     };
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(metrics_addr) = &config.metrics {
+        treaty_metrics::install();
+        let listener = TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {metrics_addr} (--metrics)"))?;
+        info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+        tokio::spawn(treaty_metrics::serve(listener, Default::default(), async move {
+            let _ = metrics_stopped.await;
+        }));
+    }
     let (stop_redis, redis_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(redis_addr) = &config.redis {
         let redis = TcpListener::bind(redis_addr)
@@ -1453,6 +1507,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         Some(msg) = fatal_rx.recv() => Err(anyhow::anyhow!(msg)),
     };
     let _ = stop_redis.send(());
+    let _ = stop_metrics.send(());
     node.store.flush()?;
     info!(id = config.id, "participant stopped");
     result

@@ -4,7 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
-    treaty_common::init_tracing();
     let args = treaty_participant::cli::Args::parse();
     std::process::exit(treaty_participant::cli::main_with(args).await);
 }

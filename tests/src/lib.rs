@@ -121,6 +121,10 @@ pub struct Cluster {
     /// Ports of the participants' Redis-protocol doors (`--redis`), once
     /// [`Cluster::enable_redis`] asked for them.
     pub redis_ports: Vec<u16>,
+    /// Ports of every node's metrics endpoint (`--metrics`; node 0 is the
+    /// coordinator, with the status page), once [`Cluster::enable_metrics`]
+    /// asked for them.
+    pub metrics_ports: Vec<u16>,
 }
 
 impl Cluster {
@@ -162,7 +166,18 @@ impl Cluster {
             initial: n,
             removed: Default::default(),
             redis_ports: vec![],
+            metrics_ports: vec![],
         }
+    }
+
+    /// Gives every node a metrics endpoint (before spawning).
+    pub fn enable_metrics(&mut self) {
+        self.metrics_ports = free_ports(self.n() + 1);
+    }
+
+    /// The `/metrics` text of node `i` (`None` if it does not answer).
+    pub fn scrape(&self, i: usize) -> Option<String> {
+        http_get(&format!("127.0.0.1:{}", self.metrics_ports[i]), "/metrics")
     }
 
     /// Gives every participant a Redis-protocol door (before spawning).
@@ -268,11 +283,16 @@ impl Cluster {
             }
         }
         cmd.args(self.security_args());
-        for var in ["TREATY_FAILPOINTS", "TREATY_CERTS", "TREATY_INSECURE", "TREATY_MAX_CONNECTIONS"] {
+        if let Some(port) = self.metrics_ports.get(i) {
+            cmd.arg("--metrics").arg(format!("127.0.0.1:{port}"));
+        }
+        for var in
+            ["TREATY_FAILPOINTS", "TREATY_CERTS", "TREATY_INSECURE", "TREATY_MAX_CONNECTIONS", "TREATY_LOG_FORMAT"]
+        {
             cmd.env_remove(var);
         }
         // TREATY_TEST_LOG overrides the nodes' log filter (e.g. `debug`).
-        let filter = std::env::var("TREATY_TEST_LOG").unwrap_or_else(|_| "info,tarpc=warn".into());
+        let filter = std::env::var("TREATY_TEST_LOG").unwrap_or_else(|_| "info,tarpc=off".into());
         cmd.env("RUST_LOG", filter).stdin(Stdio::null());
         cmd
     }
@@ -566,4 +586,47 @@ pub fn redis_py() -> PathBuf {
         dir
     })
     .clone()
+}
+
+/// A plain HTTP/1.0 GET of `path` from `addr`: the body, if the answer is 200.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// The value of a metric line `name` (with its labels, e.g.
+/// `treaty_aborts_total{reason="conflict"}`) in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Makes sure Debian's chromium is installed (with apt-get if not), for the
+/// status page's browser test; returns the program to run.
+pub fn chromium() -> &'static str {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if succeeds(Command::new("chromium").arg("--version")) {
+            return;
+        }
+        let installed = succeeds(Command::new("apt-get").arg("update").arg("-q"))
+            && succeeds(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends", "chromium"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            );
+        assert!(
+            installed && succeeds(Command::new("chromium").arg("--version")),
+            "chromium is missing and `apt-get install chromium` failed: the status page test needs Debian's chromium"
+        );
+    });
+    "chromium"
 }

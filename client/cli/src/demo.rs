@@ -41,6 +41,14 @@ pub struct DemoArgs {
     /// Start no Redis-protocol doors.
     #[arg(long, conflicts_with = "redis_port")]
     pub no_redis: bool,
+    /// The coordinator serves its status page and metrics on this port, the
+    /// participants their metrics on the next ones (default: --port + 90,
+    /// so the page is at http://127.0.0.1:7090/).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Serve no metrics and no status page.
+    #[arg(long, conflicts_with = "metrics_port")]
+    pub no_metrics: bool,
 }
 
 /// The demo's certificates directory, created (or completed with missing
@@ -115,7 +123,13 @@ pub fn run(args: DemoArgs) -> i32 {
         let base = args.redis_port.unwrap_or(args.port.saturating_add(379));
         (0..args.participants as u16).map(|i| base.saturating_add(i)).collect()
     };
-    for p in ports.iter().chain(&redis_ports) {
+    let metrics_ports: Vec<u16> = if args.no_metrics {
+        vec![]
+    } else {
+        let base = args.metrics_port.unwrap_or(args.port.saturating_add(90));
+        (0..=args.participants as u16).map(|i| base.saturating_add(i)).collect()
+    };
+    for p in ports.iter().chain(&redis_ports).chain(&metrics_ports) {
         if std::net::TcpListener::bind(("127.0.0.1", *p)).is_err() {
             eprintln!("error: port {p} is in use (is another demo running?); pass --port to use other ports");
             return 3;
@@ -150,6 +164,7 @@ pub fn run(args: DemoArgs) -> i32 {
     ]
     .into_iter()
     .chain(args.replication.map(|r| format!("--replication={r}")))
+    .chain(metrics_ports.first().map(|p| format!("--metrics={}", addr(*p))))
     .chain(security_args.iter().cloned())
     .collect::<Vec<String>>();
     let mut spawn_all = || -> std::io::Result<()> {
@@ -169,6 +184,7 @@ pub fn run(args: DemoArgs) -> i32 {
             ]
             .into_iter()
             .chain(redis_ports.get(i).map(|p| format!("--redis={}", addr(*p))))
+            .chain(metrics_ports.get(id).map(|p| format!("--metrics={}", addr(*p))))
             .chain(security_args.iter().cloned())
             .collect::<Vec<String>>();
             nodes.push(spawn(&format!("participant {id}"), &pargs, logs.join(format!("participant-{id}.log")))?);
@@ -237,6 +253,13 @@ pub fn run(args: DemoArgs) -> i32 {
         println!(
             "  (the CLI finds the client certificate by these endpoints; elsewhere pass --certs {})",
             certs.display()
+        );
+    }
+    if let Some(page) = metrics_ports.first() {
+        println!(
+            "Status page: http://127.0.0.1:{page}/   (Prometheus metrics at /metrics there and on ports {} to {})",
+            page + 1,
+            page + args.participants as u16
         );
     }
     if let (Some(first), Some(last)) = (redis_ports.first(), redis_ports.last()) {

@@ -314,7 +314,6 @@ fn main() {
         Some("coordinator") | Some("participant") => {
             let role = std::env::args().nth(1).unwrap();
             let rest: Vec<String> = std::env::args().skip(2).collect();
-            treaty_common::init_tracing();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             let code = if role == "coordinator" {
                 let args =

@@ -979,7 +979,9 @@ mod tests {
         assert_eq!(next_run(&cmds, 2), 3, "PING alone");
         assert_eq!(next_run(&cmds, 3), 4);
         let many: Vec<_> = (0..MAX_RUN + 5).map(|i| parse(&format!("set k{i} v"))).collect();
-        assert_eq!(next_run(&many, 0), MAX_RUN);
+        assert_eq!(next_run(&many, 0), MAX_RUN.min(MAX_RUN_KEYS), "one key each: cut at the key limit");
+        let reads: Vec<_> = (0..MAX_RUN + 5).map(|_| parse("ping")).collect();
+        assert_eq!(next_run(&reads, 0), 1, "not data commands: one at a time");
         let wide: Vec<_> = (0..3)
             .map(|_| {
                 parse(&(0..300).map(|i| format!("k{i}")).collect::<Vec<_>>().join(" ").replacen("k0", "del k0", 1))

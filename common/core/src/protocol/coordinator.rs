@@ -211,6 +211,8 @@ pub struct CoordinatorCore {
     view_persisting: bool,
     fence: Fence,
     actions: Vec<Action>,
+    /// Transactions that found a key locked and queued for it (for metrics).
+    lock_waits: u64,
 }
 
 /// The longest a transaction keeps retrying after transient failures: a
@@ -251,6 +253,7 @@ impl CoordinatorCore {
             view_persisting: false,
             fence: Fence::default(),
             actions: Vec::new(),
+            lock_waits: 0,
         }
     }
 
@@ -357,7 +360,14 @@ impl CoordinatorCore {
         self.txns.insert(id, Entry { txn: Arc::new(txn), state: State::Locking { since: now }, started: now });
         if self.locks.acquire(id, keys) {
             self.locked(id, now);
+        } else {
+            self.lock_waits += 1;
         }
+    }
+
+    /// Transactions so far that queued for a key another one held.
+    pub fn lock_waits(&self) -> u64 {
+        self.lock_waits
     }
 
     /// `id` holds all its keys: prepare it, or park it if the start's

@@ -631,6 +631,12 @@ impl Membership {
         Some(self.view.clone())
     }
 
+    /// The applied index participant `id` last reported (`None`: it has
+    /// not checked in with this coordinator).
+    pub fn applied(&self, id: u64) -> Option<u64> {
+        self.nodes.get(&id).filter(|n| n.last_sync.is_some()).map(|n| n.applied)
+    }
+
     /// Milliseconds left on a node's lease as the coordinator counts it.
     pub fn lease_left(&self, id: u64, now: u64) -> u64 {
         self.nodes.get(&id).map_or(0, |n| n.lease_until.saturating_sub(now))
