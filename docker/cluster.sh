@@ -10,6 +10,7 @@
 #   docker/cluster.sh build    only build the binaries and the image
 #   docker/cluster.sh cli ARGS the host CLI with this cluster's endpoints and credentials
 #   docker/cluster.sh redis-cli [ARGS]  the host's redis-cli on participant 1's Redis door, with the certificates
+#   docker/cluster.sh prometheus   start Prometheus scraping every node, if its image is on this machine (never pulled)
 #   docker/cluster.sh backup DIR   copy the coordinator's data (stopped for the copy) and the certificates
 #   docker/cluster.sh restore DIR  put a backup's coordinator data back (refused by the cluster if it is old)
 #   docker/cluster.sh add-participant      start participant-6 and admit it (`treaty member add`)
@@ -22,7 +23,8 @@
 #
 # Environment: TREATY_PROJECT (compose project name, default "treaty"),
 # TREATY_PORT_0..5 (host ports), TREATY_REDIS_PORT_1..5 (host ports of the
-# Redis doors, default 7371..7375), TREATY_UP_TIMEOUT (seconds, default 90),
+# Redis doors, default 7371..7375), TREATY_METRICS_PORT_0..5 (metrics; 0 is
+# the coordinator's status page, default 7090..7095), TREATY_UP_TIMEOUT (seconds, default 90),
 # TREATY_IMAGE (the image to build and run, default treaty:<project>).
 set -euo pipefail
 
@@ -116,6 +118,7 @@ case "$cmd" in
     echo "Shell: docker/cluster.sh repl    Status: docker/cluster.sh status    Stop: docker/cluster.sh down"
     echo "From the host: target/$target/release/treaty put greeting hello   (or: docker/cluster.sh cli put greeting hello)"
     echo "Redis protocol: 127.0.0.1:${TREATY_REDIS_PORT_1:-7371}..${TREATY_REDIS_PORT_5:-7375} with TLS (docker/cluster.sh redis-cli runs redis-cli with the certificates)"
+    echo "Status page: http://127.0.0.1:$(dc port coordinator 9090 | sed 's/.*://')/   Metrics: /metrics there and on 127.0.0.1:${TREATY_METRICS_PORT_1:-7091}..${TREATY_METRICS_PORT_5:-7095}"
     ;;
   wait) wait_healthy ;;
   down) dc down "$@" ;;
@@ -127,6 +130,15 @@ case "$cmd" in
     rm -rf "$TREATY_CERTS_DIR"
     ;;
   cli) "$host_cli" --certs "$TREATY_CERTS_DIR" --endpoints "$(host_endpoints)" "$@" ;;
+  prometheus)
+    image="${TREATY_PROMETHEUS_IMAGE:-prom/prometheus:latest}"
+    if ! docker image inspect "$image" >/dev/null 2>&1; then
+      echo "cluster.sh: no local image $image: load one first (docker load -i FILE) or set TREATY_PROMETHEUS_IMAGE; nothing is pulled" >&2
+      exit 1
+    fi
+    dc --profile prometheus up -d --no-deps prometheus
+    echo "Prometheus: http://127.0.0.1:$(dc --profile prometheus port prometheus 9090 | sed 's/.*://')/"
+    ;;
   redis-cli)
     command -v redis-cli >/dev/null || { echo "cluster.sh: redis-cli is not installed (Debian: apt-get install redis-tools)" >&2; exit 1; }
     port=$(dc port participant-1 6379 | sed 's/.*://')
@@ -183,7 +195,7 @@ case "$cmd" in
   status) dc run --rm -T client status ;;
   compose) dc "$@" ;;
   *)
-    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|redis-cli|backup|restore|add-participant|remove-participant|build|wait|compose ARGS" >&2
+    echo "usage: docker/cluster.sh up|down|destroy|logs|repl|status|cli|redis-cli|prometheus|backup|restore|add-participant|remove-participant|build|wait|compose ARGS" >&2
     exit 2
     ;;
 esac
