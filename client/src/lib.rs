@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use treaty_common::rpc::{self, ClusterStatus, CoordinatorServiceClient, NodeStatus, ParticipantServiceClient, Peer};
-pub use treaty_common::rpc::{MemberChange, Outcome};
+pub use treaty_common::rpc::{MemberChange, Outcome, TraceEvent, TraceSummary};
 pub use treaty_common::tls::{Expect, Identity, Security};
 pub use treaty_common::types::{prefix_end, RangeEntry, RangePage, RangeRequest, MAX_RANGE_LIMIT};
 pub use treaty_common::{Committed, Condition, Error, Key, Result, Txn, TxnId, Value, Versioned, Write};
@@ -312,6 +312,54 @@ impl Client {
     pub async fn outcome(&self, txn_id: TxnId) -> Result<Outcome> {
         let timeout = self.timeout.min(Duration::from_secs(5));
         self.with_failover(|c| async move { c.txn_outcome(rpc::deadline(timeout), txn_id).await }).await
+    }
+
+    /// Every step of a transaction that the coordinator and this client's
+    /// endpoints still remember (each keeps a bounded ring of recent
+    /// events in memory), in time order. Nodes that do not answer are left
+    /// out; `Err` only if none answered.
+    pub async fn trace(&self, txn_id: TxnId) -> Result<Vec<TraceEvent>> {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        let from_coordinator = async {
+            match self.coordinator().await {
+                Some(c) => c.call_infallible(|c| async move { c.trace(rpc::deadline(timeout), txn_id).await }).await,
+                None => Err(Error::Unavailable("the coordinator is not reachable from here".into())),
+            }
+        };
+        let from_participants = futures::future::join_all(self.peers.iter().map(|p| {
+            p.call_infallible(
+                |c: ParticipantServiceClient| async move { c.trace(rpc::deadline(timeout), txn_id).await },
+            )
+        }));
+        let (coordinator, participants) = futures::join!(from_coordinator, from_participants);
+        let mut answered = false;
+        let mut last_error = None;
+        let mut events = Vec::new();
+        for r in std::iter::once(coordinator).chain(participants) {
+            match r {
+                Ok(e) => {
+                    answered = true;
+                    events.extend(e);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if !answered {
+            return Err(last_error.unwrap_or_else(|| Error::Unavailable("no node answered".into())));
+        }
+        events.sort_by(|a, b| a.at_us.cmp(&b.at_us).then_with(|| a.node.cmp(&b.node)));
+        Ok(events)
+    }
+
+    /// The `n` slowest transactions the coordinator remembers, slowest first.
+    pub async fn slowest(&self, n: u32) -> Result<Vec<TraceSummary>> {
+        let timeout = self.timeout.min(Duration::from_secs(5));
+        match self.coordinator().await {
+            Some(c) => c.call_infallible(|c| async move { c.slowest(rpc::deadline(timeout), n).await }).await,
+            None => Err(Error::Unavailable(
+                "the coordinator is not reachable from here: --last-slow asks it directly".into(),
+            )),
+        }
     }
 
     /// The whole cluster's status, as the coordinator sees it.

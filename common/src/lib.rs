@@ -13,6 +13,7 @@ pub mod cli;
 pub mod net;
 pub mod rpc;
 pub mod tls;
+pub mod trace;
 
 pub use treaty_core::{error, protocol, types};
 

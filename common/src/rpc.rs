@@ -59,6 +59,8 @@ pub trait ParticipantService {
     async fn txn_outcome(txn_id: TxnId) -> Result<Outcome>;
     /// The whole cluster's status, fetched from the coordinator.
     async fn cluster_status() -> Result<ClusterStatus>;
+    /// What this participant remembers of a transaction (`treaty trace`).
+    async fn trace(txn_id: TxnId) -> Vec<TraceEvent>;
 }
 
 /// The coordinator's service.
@@ -80,6 +82,10 @@ pub trait CoordinatorService {
     /// (it catches up and enters the view by itself), a removed member is
     /// leaving (it is excluded once its read lease has run out).
     async fn change_members(change: MemberChange) -> Result<ClusterStatus>;
+    /// What the coordinator remembers of a transaction (`treaty trace`).
+    async fn trace(txn_id: TxnId) -> Vec<TraceEvent>;
+    /// The `n` slowest transactions it remembers (`treaty trace --last-slow`).
+    async fn slowest(n: u32) -> Vec<TraceSummary>;
 }
 
 crate::rpc_client!(ParticipantServiceClient);

@@ -65,9 +65,10 @@ use treaty_common::protocol::{
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorService, Incarnation, LogEntry, MemberChange, NodeStatus, Outcome,
-    ParticipantServiceClient, Peer, PrepareBatch, SyncReply, SyncRequest,
+    ParticipantServiceClient, Peer, PrepareBatch, SyncReply, SyncRequest, TraceEvent, TraceSummary,
 };
 use treaty_common::tls::{Expect, Security};
+use treaty_common::trace::TraceRing;
 use treaty_common::{Committed, Error, Result, Txn, TxnId};
 use treaty_storage::{CoordinatorStore, Decision, Durability};
 
@@ -165,6 +166,8 @@ struct Coordinator {
     clock: Instant,
     /// Recent traffic for the status page (see `observe`).
     observe: observe::Observer,
+    /// Recent transactions' steps here, for `treaty trace`.
+    trace: TraceRing,
 }
 
 fn fatal_storage(what: &str, e: Error) -> ! {
@@ -189,7 +192,14 @@ impl Coordinator {
             let mut replies = Vec::new();
             for a in p.core.take_actions() {
                 match a {
-                    Action::Reply { txn, result } => replies.push((result, p.waiters.remove(&txn).unwrap_or_default())),
+                    Action::Reply { txn, result } => {
+                        let detail = match &result {
+                            Ok(c) => format!("committed at index {}", c.index),
+                            Err(e) => e.to_string(),
+                        };
+                        self.trace.record(txn, "answered", detail);
+                        replies.push((result, p.waiters.remove(&txn).unwrap_or_default()))
+                    }
                     other => actions.push(other),
                 }
             }
@@ -213,6 +223,9 @@ impl Coordinator {
         for action in actions {
             match action {
                 Action::Prepare { to, batch, epoch, replica, min_applied, items } => {
+                    let ids: Vec<TxnId> = items.iter().map(|i| i.txn.id).collect();
+                    let detail = format!("to participant {to} (batch {batch}, {} transaction(s))", ids.len());
+                    self.trace.record_all(ids.iter().copied(), "prepare sent", &detail);
                     let req = PrepareBatch {
                         cluster: self.cluster,
                         coordinator: self.incarnation,
@@ -239,11 +252,36 @@ impl Coordinator {
                             }
                             None => Err(Error::Unavailable(format!("participant {to} is no longer in the cluster"))),
                         };
-                        metrics::histogram!(treaty_metrics::PREPARE_SECONDS).record(sent.elapsed().as_secs_f64());
+                        let took = sent.elapsed();
+                        metrics::histogram!(treaty_metrics::PREPARE_SECONDS).record(took.as_secs_f64());
+                        let ms = took.as_secs_f64() * 1000.0;
+                        match &answer {
+                            Ok(votes) => {
+                                for (id, vote) in ids.iter().zip(votes) {
+                                    let v = match vote {
+                                        Ok(treaty_common::rpc::Vote::Yes) => "yes".to_string(),
+                                        Ok(treaty_common::rpc::Vote::No(why)) => format!("no ({why})"),
+                                        Err(e) => format!("error ({e})"),
+                                    };
+                                    me.trace.record(*id, "vote received", format!("participant {to}: {v}, {ms:.2} ms"));
+                                }
+                            }
+                            Err(e) => me.trace.record_all(
+                                ids.iter().copied(),
+                                "vote received",
+                                &format!("participant {to}: failed after {ms:.2} ms ({e})"),
+                            ),
+                        }
                         me.step(|core, now| core.prepared(to, batch, answer, now));
                     });
                 }
                 Action::Persist { commits, aborts } => {
+                    for e in &commits {
+                        self.trace.record(e.txn_id, "decided", format!("commit at index {}", e.index));
+                    }
+                    for (txn, reason) in &aborts {
+                        self.trace.record(*txn, "decided", format!("abort: {reason}"));
+                    }
                     if self.persist.send((commits, aborts)).is_err() {
                         warn!("the persister stopped; decisions are not being made durable");
                     }
@@ -285,6 +323,19 @@ impl Coordinator {
     /// Sends outcomes; for commits, the first participant hears first and
     /// the rest after (the `after_first_commit` failpoint sits between).
     fn send_decide(self: &Arc<Self>, mut batches: Vec<Outcomes>, commits: bool) {
+        let mut told: BTreeMap<(TxnId, &'static str), Vec<u64>> = BTreeMap::new();
+        for (to, c, a, _) in &batches {
+            for (txn, _) in c {
+                told.entry((*txn, "COMMIT sent")).or_default().push(*to);
+            }
+            for (txn, _) in a {
+                told.entry((*txn, "ABORT sent")).or_default().push(*to);
+            }
+        }
+        for ((txn, step), to) in told {
+            let list: Vec<String> = to.iter().map(u64::to_string).collect();
+            self.trace.record(txn, step, format!("to participants {}", list.join(", ")));
+        }
         self.rpcs.fetch_add(batches.len() as u64, Ordering::Relaxed);
         metrics::counter!(treaty_metrics::MESSAGES).increment(batches.len() as u64);
         let me = self.clone();
@@ -339,6 +390,11 @@ impl Coordinator {
         metrics::counter!(treaty_metrics::MESSAGES).increment(1);
         txn.validate()?;
         let started = Instant::now();
+        self.trace.record(
+            txn.id,
+            "submitted",
+            format!("{} condition(s), {} write(s)", txn.conditions.len(), txn.writes.len()),
+        );
         let rx = {
             let mut p = self.protocol.lock().unwrap();
             if let Some(d) = self.durable_decision(&p.core, txn.id)? {
@@ -644,6 +700,7 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
         crash_point!("coordinator::before_decision");
         let store = me.store.clone();
         let started = Instant::now();
+        let done: Vec<TxnId> = commits.iter().map(|e| e.txn_id).chain(aborts.iter().map(|a| a.0)).collect();
         let last = commits.last().map(|e| e.index);
         let after = last.unwrap_or_else(|| me.last_index.load(Ordering::Acquire));
         let (d, written) = tokio::task::spawn_blocking(move || {
@@ -663,7 +720,10 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
         written.unwrap_or_else(|e| fatal_storage("recording decisions", e));
         me.syncs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(treaty_metrics::SYNCS).increment(1);
-        metrics::histogram!(treaty_metrics::DECISION_SYNC_SECONDS).record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!(treaty_metrics::DECISION_SYNC_SECONDS).record(took.as_secs_f64());
+        let detail = format!("written and synced in {:.2} ms", took.as_secs_f64() * 1000.0);
+        me.trace.record_all(done.iter().copied(), "decision durable", &detail);
         crash_point!("coordinator::after_decision_sync");
         if let Some(last) = last {
             me.last_index.fetch_max(last, Ordering::AcqRel);
@@ -724,6 +784,14 @@ impl CoordinatorService for Server {
     async fn change_members(self, _: Context, change: MemberChange) -> Result<ClusterStatus> {
         self.caller.require_admin("adding or removing participants")?;
         self.coord.change_members(change).await
+    }
+
+    async fn trace(self, _: Context, txn_id: TxnId) -> Vec<TraceEvent> {
+        self.coord.trace.events(txn_id)
+    }
+
+    async fn slowest(self, _: Context, n: u32) -> Vec<TraceSummary> {
+        self.coord.trace.slowest(n.min(1000) as usize, "submitted", "answered")
     }
 }
 
@@ -814,6 +882,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         config,
         clock: Instant::now(),
         observe: observe::Observer::new(),
+        trace: TraceRing::new("coordinator"),
     });
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_addr) = coord.config.metrics.clone() {

@@ -58,9 +58,10 @@ use treaty_common::protocol::{
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
-    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SnapshotChunk, SyncRequest, Vote,
+    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SnapshotChunk, SyncRequest, TraceEvent, Vote,
 };
 use treaty_common::tls::{Expect, Security};
+use treaty_common::trace::TraceRing;
 use treaty_common::types::{escape, RangePage, RangeRequest};
 use treaty_common::{Committed, Error, Key, Result, Txn, TxnId, Versioned};
 use treaty_storage::{GroupSync, ReplicaStore};
@@ -174,6 +175,8 @@ struct Node {
     consistent_from: AtomicU64,
     /// Held by the applier around each batch, and by an install throughout.
     applying: tokio::sync::Mutex<()>,
+    /// Recent transactions' steps here, for `treaty trace`.
+    trace: TraceRing,
 }
 
 /// Crashes the process on a storage failure while holding protocol state:
@@ -239,6 +242,11 @@ impl Node {
                 self.id, req.min_applied
             )));
         }
+        self.trace.record_all(
+            req.items.iter().map(|i| i.txn.id),
+            "prepare received",
+            &format!("in a batch of {}", req.items.len()),
+        );
         let mut votes = Vec::with_capacity(req.items.len());
         let mut sync_needed = false;
         let mut logging = Logging { node: self, records: Vec::new(), written: false, reported: false };
@@ -261,6 +269,12 @@ impl Node {
                 Ok(Vote::No(_)) => "no",
                 Err(_) => "error",
             };
+            let detail = match &vote {
+                Ok(Vote::No(why)) => format!("no: {why}"),
+                Err(e) => format!("error: {e}"),
+                _ => "yes".to_string(),
+            };
+            self.trace.record(item.txn.id, "voted", detail);
             metrics::counter!(treaty_metrics::VOTES, "vote" => label).increment(1);
             votes.push(vote);
         }
@@ -278,6 +292,11 @@ impl Node {
         if count > 0 {
             crash_point!("participant::after_prepare_sync");
             debug!(count, "prepared");
+            let detail = format!(
+                "PREPARED record written and synced; votes leave ({:.2} ms after arrival)",
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            self.trace.record_all(logging.records.iter().map(|r| r.txn_id), "record durable", &detail);
         }
         metrics::histogram!(treaty_metrics::VOTE_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(votes)
@@ -345,6 +364,8 @@ impl Node {
             let all =
                 commits.into_iter().map(|c| (c, None)).chain(skips.into_iter().map(|c| (c, Some(nothing.clone()))));
             for ((txn_id, index), writes) in all {
+                let step = if writes.is_some() { "skip received" } else { "COMMIT received" };
+                self.trace.record(txn_id, step, format!("index {index}"));
                 match core.commit(txn_id, index, writes) {
                     Ok(CommitStep::Queued) => queued = true,
                     Ok(CommitStep::AlreadyApplied) => {}
@@ -360,6 +381,7 @@ impl Node {
                 }
             }
             for (txn_id, attempt) in aborts {
+                self.trace.record(txn_id, "ABORT received", format!("attempt {attempt}"));
                 match core.abort(txn_id, attempt) {
                     Ok(true) => forget.push(txn_id),
                     Ok(false) => {}
@@ -797,6 +819,13 @@ impl Node {
                 self.core.lock().unwrap().applied(last);
                 self.applied_count.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 metrics::counter!(treaty_metrics::APPLIED).increment(batch.len() as u64);
+                for e in &batch {
+                    self.trace.record(
+                        e.txn_id,
+                        "applied",
+                        format!("index {} ({} in this apply)", e.index, batch.len()),
+                    );
+                }
                 metrics::histogram!(treaty_metrics::APPLY_SECONDS).record(apply_started.elapsed().as_secs_f64());
                 debug!(through = last, count = batch.len(), "applied");
                 self.bump();
@@ -1313,6 +1342,10 @@ impl ParticipantService for Server {
         }
     }
 
+    async fn trace(self, _: Context, txn_id: TxnId) -> Vec<TraceEvent> {
+        self.node.trace.events(txn_id)
+    }
+
     async fn ping(self, _: Context) -> u64 {
         self.node.replica
     }
@@ -1447,6 +1480,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         install_keys: AtomicU64::new(0),
         consistent_from: AtomicU64::new(consistent_from),
         applying: tokio::sync::Mutex::new(()),
+        trace: TraceRing::new(format!("participant {}", config.id)),
     });
     tokio::spawn(node.clone().applier());
     tokio::spawn(node.clone().sync_loop(config.tick));

@@ -128,3 +128,82 @@ async fn the_status_page_renders_in_a_browser_and_turns_a_killed_participant_dow
             .output();
     }
 }
+
+/// The steps `node` took for the transaction, in order.
+fn steps(events: &[treaty_client::TraceEvent], node: &str) -> Vec<String> {
+    events.iter().filter(|e| e.node == node).map(|e| e.step.clone()).collect()
+}
+
+/// Polls the trace until every participant has taken its last step.
+async fn trace_until(c: &Cluster, id: treaty_client::TxnId, last: &str) -> Vec<treaty_client::TraceEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = c.client().trace(id).await.unwrap();
+        if (1..=5).all(|i| steps(&events, &format!("participant {i}")).last().is_some_and(|s| s == last)) {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "not every participant reached {last}: {events:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_shows_every_step_of_a_commit_and_of_an_abort_in_order() {
+    let c = cluster().await;
+    let client = c.client();
+    let txn = treaty_client::Txn::new(vec![], vec![treaty_client::Write::Put(b"t/k".to_vec(), b"v".to_vec())]);
+    let id = txn.id;
+    let index = client.commit(txn).await.unwrap().index;
+    let events = trace_until(&c, id, "applied").await;
+    let at = |node: &str, step: &str| {
+        events.iter().filter(|e| e.node == node && e.step == step).map(|e| e.at_us).collect::<Vec<_>>()
+    };
+    let mut want = vec!["submitted"];
+    want.extend(["prepare sent"; 5]);
+    want.extend(["vote received"; 5]);
+    want.extend(["decided", "decision durable", "answered", "COMMIT sent"]);
+    assert_eq!(steps(&events, "coordinator"), want, "{events:#?}");
+    for i in 1..=5 {
+        let p = format!("participant {i}");
+        assert_eq!(steps(&events, &p), ["prepare received", "voted", "record durable", "COMMIT received", "applied"]);
+        // Across nodes (one machine, one clock): sent before received, and
+        // every vote durable before the decision.
+        assert!(at("coordinator", "prepare sent")[0] <= at(&p, "prepare received")[0]);
+        assert!(at(&p, "record durable")[0] <= at("coordinator", "decided")[0]);
+        assert!(at("coordinator", "decision durable")[0] <= at(&p, "COMMIT received")[0], "persist before you speak");
+    }
+    let answered = events.iter().find(|e| e.step == "answered").unwrap();
+    assert_eq!(answered.detail, format!("committed at index {index}"));
+
+    // An abort: a condition that does not hold.
+    let txn = treaty_client::Txn::new(
+        vec![Condition::ValueEquals(b"t/k".to_vec(), b"other".to_vec())],
+        vec![treaty_client::Write::Put(b"t/k".to_vec(), b"w".to_vec())],
+    );
+    let id = txn.id;
+    assert!(client.commit(txn).await.is_err());
+    let events = trace_until(&c, id, "ABORT received").await;
+    let mut want = vec!["submitted"];
+    want.extend(["prepare sent"; 5]);
+    want.extend(["vote received"; 5]);
+    // The attempt is aborted on every member at once (presumed abort);
+    // the failed condition is made durable before the client hears it.
+    want.extend(["ABORT sent"; 5]);
+    want.extend(["decided", "decision durable", "answered"]);
+    assert_eq!(steps(&events, "coordinator"), want, "{events:#?}");
+    for i in 1..=5 {
+        let p = format!("participant {i}");
+        assert_eq!(steps(&events, &p), ["prepare received", "voted", "ABORT received"]);
+        let voted = events.iter().find(|e| e.node == p && e.step == "voted").unwrap();
+        assert!(voted.detail.starts_with("no: t/k = other"), "{}", voted.detail);
+    }
+    // The CLI prints the same timeline, and lists the slowest.
+    let out =
+        c.cli().args(["--endpoints", &c.participant_addrs().join(","), "trace", &id.to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.lines().count() == 1 + 19 + 15, "{text}");
+    assert!(text.contains("aborted: condition failed"), "{text}");
+    let out =
+        c.cli().args(["--endpoints", &c.participant_addrs().join(","), "trace", "--last-slow", "5"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2, "the two transactions");
+}

@@ -172,6 +172,7 @@ fn check(path: &std::path::Path, name: &str, atomic: bool) -> Result<usize, Stri
         match &cmd {
             Command::Status
             | Command::Outcome(_)
+            | Command::Trace(_)
             | Command::Placement(_)
             | Command::Timing(_)
             | Command::Stale(_)

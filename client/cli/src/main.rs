@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use treaty_client::{credentials, Client, Condition, Error, Identity, Outcome, ReadMode, Security, Txn, Write};
+use treaty_client::{
+    credentials, Client, Condition, Error, Identity, Outcome, ReadMode, Security, TraceEvent, TraceSummary, Txn, TxnId,
+    Write,
+};
 use treaty_common::types::escape;
 
 mod batch;
@@ -18,6 +21,7 @@ mod member;
 mod repl;
 mod script;
 mod status;
+mod trace;
 
 const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
 
@@ -115,6 +119,17 @@ enum Command {
     Outcome {
         /// The transaction id (32 hex digits).
         id: String,
+    },
+    /// One transaction's steps on every node, in time order (from the
+    /// in-memory trace each node keeps of its recent transactions), or the
+    /// slowest recent ones with --last-slow N.
+    Trace {
+        /// The transaction id (32 hex digits).
+        #[arg(required_unless_present = "last_slow")]
+        id: Option<String>,
+        /// List the N slowest transactions the coordinator remembers instead.
+        #[arg(long, value_name = "N", conflicts_with = "id")]
+        last_slow: Option<u32>,
     },
     /// Open the interactive shell.
     Repl,
@@ -459,6 +474,19 @@ fn run_command(
                         3
                     }
                 },
+                Command::Trace { id, last_slow } => {
+                    let id = match id.map(|i| i.parse::<treaty_client::TxnId>()).transpose() {
+                        Ok(id) => id,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return 2;
+                        }
+                    };
+                    match rt.block_on(trace::run(&client, id, last_slow, json)) {
+                        Ok(code) => code,
+                        Err(e) => fail(e),
+                    }
+                }
                 Command::Outcome { id } => match id.parse::<treaty_client::TxnId>() {
                     Err(e) => {
                         eprintln!("error: {e}");

@@ -261,6 +261,14 @@ impl Shell<'_> {
                 Ok(s) => println!("{}", crate::status::placement(&s.placement, &key, false)),
                 Err(e) => self.say_error(&e),
             },
+            Command::Trace(id) => match self.rt.block_on(self.client.trace(id)) {
+                Ok(events) => {
+                    for line in crate::trace::render(id, &events) {
+                        println!("{line}");
+                    }
+                }
+                Err(e) => self.say_error(&e),
+            },
             Command::Outcome(id) => match self.rt.block_on(self.client.outcome(id)) {
                 Ok(o @ crate::Outcome::Committed(_)) => println!("{}", self.style.ok(&o.to_string())),
                 Ok(o) => println!("{o}"),

@@ -43,6 +43,8 @@ pub enum Command {
     Status,
     /// What became of a transaction (shell only).
     Outcome(TxnId),
+    /// A transaction's steps on every node (shell only).
+    Trace(TxnId),
     /// Where a key lives (shell only).
     Placement(Vec<u8>),
     /// `timing on|off`; `None` (`timing` alone, psql's `\timing`) toggles.
@@ -70,6 +72,7 @@ impl Command {
             Command::Show => "show",
             Command::Status => "status",
             Command::Outcome(_) => "outcome",
+            Command::Trace(_) => "trace",
             Command::Placement(_) => "placement",
             Command::Timing(_) => "timing",
             Command::Stale(_) => "stale",
@@ -300,6 +303,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("show", "show", "show"),
     ("status", "status", "status"),
     ("outcome", "outcome TXN_ID", "outcome 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
+    ("trace", "trace TXN_ID   (its steps on every node, in time order)", "trace 3f2a9c0d5e6b7a8190a1b2c3d4e5f607"),
     ("placement", "placement KEY", "placement user/1"),
     ("timing", "timing [on|off]   (alone, or \\timing: toggles)", "timing on"),
     ("stale", "stale [on|off]   (while on, get/scan/range read --stale; alone: toggles)", "stale on"),
@@ -495,10 +499,15 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, ParseError> {
             arity(1)?;
             Command::Placement(checked(&args[0], treaty_common::types::check_key)?)
         }
-        "outcome" => {
+        "outcome" | "trace" => {
             arity(1)?;
             let id = String::from_utf8_lossy(&args[0].bytes);
-            Command::Outcome(id.parse().map_err(|e: String| ParseError { column: args[0].column, message: e })?)
+            let id = id.parse().map_err(|e: String| ParseError { column: args[0].column, message: e })?;
+            if name == "trace" {
+                Command::Trace(id)
+            } else {
+                Command::Outcome(id)
+            }
         }
         "timing" | "stale" => {
             let on = match args {

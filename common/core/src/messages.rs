@@ -298,3 +298,27 @@ pub struct ClusterStatus {
     /// its place (joining and leaving are changes in progress).
     pub roster: Vec<(u64, crate::protocol::RosterState)>,
 }
+
+/// One step of one transaction on one node, as `treaty trace` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceEvent {
+    pub txn: TxnId,
+    /// When, in microseconds since the Unix epoch on the node's clock.
+    pub at_us: u64,
+    /// Who: `coordinator` or `participant N` (filled in when answered).
+    pub node: String,
+    /// What, in a few fixed words (`submitted`, `prepare sent`, `voted`, ...).
+    pub step: String,
+    /// With what: the participant, the vote, the index, how long it took.
+    pub detail: String,
+}
+
+/// A recent transaction the coordinator ran, for `treaty trace --last-slow`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSummary {
+    pub txn: TxnId,
+    /// Submitted to answered, in microseconds.
+    pub took_us: u64,
+    /// The answer (`committed at index 12`, or the error).
+    pub outcome: String,
+}
