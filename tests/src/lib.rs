@@ -535,27 +535,31 @@ fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-/// Makes sure Debian's `redis-tools` (redis-cli, redis-benchmark) are
-/// installed, installing them with apt-get if not: the Redis-protocol tests
-/// run real third-party clients. Panics with what to do if that fails.
+/// Makes sure `program` runs (`program --version`), installing Debian's
+/// `package` with apt-get if it does not: tests that drive real third-party
+/// programs install them themselves. Panics saying why (`what` needs it) if
+/// that fails.
+fn debian_program(program: &str, package: &str, what: &str) {
+    if succeeds(Command::new(program).arg("--version")) {
+        return;
+    }
+    let installed = succeeds(Command::new("apt-get").arg("update").arg("-q"))
+        && succeeds(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        );
+    assert!(
+        installed && succeeds(Command::new(program).arg("--version")),
+        "{program} is missing and `apt-get install {package}` failed: {what} needs Debian's {package}"
+    );
+}
+
+/// Debian's `redis-tools` (redis-cli, redis-benchmark), for the
+/// Redis-protocol tests.
 pub fn redis_tools() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if succeeds(Command::new("redis-cli").arg("--version")) {
-            return;
-        }
-        let installed = succeeds(Command::new("apt-get").arg("update").arg("-q"))
-            && succeeds(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends", "redis-tools"])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            );
-        assert!(
-            installed && succeeds(Command::new("redis-cli").arg("--version")),
-            "redis-cli is missing and `apt-get install redis-tools` failed: install Debian's redis-tools to run \
-             the Redis-protocol tests"
-        );
-    });
+    DONE.get_or_init(|| debian_program("redis-cli", "redis-tools", "the Redis-protocol tests"));
 }
 
 /// A `PYTHONPATH` under which `python3` can `import redis` (PyPI's redis-py,
@@ -609,24 +613,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
-/// Makes sure Debian's chromium is installed (with apt-get if not), for the
-/// status page's browser test; returns the program to run.
+/// Debian's chromium, for the status page's browser test; returns the
+/// program to run.
 pub fn chromium() -> &'static str {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if succeeds(Command::new("chromium").arg("--version")) {
-            return;
-        }
-        let installed = succeeds(Command::new("apt-get").arg("update").arg("-q"))
-            && succeeds(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends", "chromium"])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            );
-        assert!(
-            installed && succeeds(Command::new("chromium").arg("--version")),
-            "chromium is missing and `apt-get install chromium` failed: the status page test needs Debian's chromium"
-        );
-    });
+    DONE.get_or_init(|| debian_program("chromium", "chromium", "the status page's browser test"));
     "chromium"
 }
