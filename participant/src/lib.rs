@@ -848,6 +848,7 @@ impl Node {
             let core = self.core.lock().unwrap();
             metrics::gauge!(m::APPLIED_INDEX).set(core.applied_index() as f64);
             metrics::gauge!(m::PREPARED).set(core.prepared_count() as f64);
+            metrics::gauge!(m::IN_DOUBT).set(core.in_doubt_ages().len() as f64);
         }
         metrics::gauge!(m::INSTALLING).set(flag(self.installing.load(Ordering::Acquire)));
         metrics::gauge!(m::INSTALL_KEYS).set(self.install_keys.load(Ordering::Relaxed) as f64);

@@ -105,6 +105,8 @@ pub const LEASE_SECONDS: &str = "treaty_lease_seconds";
 pub const MEMBER: &str = "treaty_member";
 pub const READY: &str = "treaty_ready";
 pub const PREPARED: &str = "treaty_prepared";
+/// Participant: prepared transactions whose outcome it has not learned yet.
+pub const IN_DOUBT: &str = "treaty_in_doubt";
 pub const INSTALLING: &str = "treaty_installing";
 /// Participant: keys copied by the snapshot install under way, and log
 /// entries fetched to catch up.
