@@ -236,7 +236,7 @@ impl Coordinator {
                         items,
                     };
                     self.rpcs.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(treaty_metrics::MESSAGES).increment(1);
+                    treaty_metrics::hot::messages().increment(1);
                     let me = self.clone();
                     tokio::spawn(async move {
                         crash_point!("coordinator::before_prepare");
@@ -253,7 +253,7 @@ impl Coordinator {
                             None => Err(Error::Unavailable(format!("participant {to} is no longer in the cluster"))),
                         };
                         let took = sent.elapsed();
-                        metrics::histogram!(treaty_metrics::PREPARE_SECONDS).record(took.as_secs_f64());
+                        treaty_metrics::hot::prepare_seconds().record(took.as_secs_f64());
                         let ms = took.as_secs_f64() * 1000.0;
                         match &answer {
                             Ok(votes) => {
@@ -337,7 +337,7 @@ impl Coordinator {
             self.trace.record(txn, step, format!("to participants {}", list.join(", ")));
         }
         self.rpcs.fetch_add(batches.len() as u64, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::MESSAGES).increment(batches.len() as u64);
+        treaty_metrics::hot::messages().increment(batches.len() as u64);
         let me = self.clone();
         tokio::spawn(async move {
             let cluster = me.cluster;
@@ -387,7 +387,7 @@ impl Coordinator {
 
     async fn submit(self: &Arc<Self>, txn: Txn) -> Result<Committed> {
         self.rpcs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
+        treaty_metrics::hot::messages().increment(1);
         txn.validate()?;
         let started = Instant::now();
         self.trace.record(
@@ -719,9 +719,9 @@ async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mps
         durability = d;
         written.unwrap_or_else(|e| fatal_storage("recording decisions", e));
         me.syncs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::SYNCS).increment(1);
+        treaty_metrics::hot::syncs().increment(1);
         let took = started.elapsed();
-        metrics::histogram!(treaty_metrics::DECISION_SYNC_SECONDS).record(took.as_secs_f64());
+        treaty_metrics::hot::decision_sync_seconds().record(took.as_secs_f64());
         let detail = format!("written and synced in {:.2} ms", took.as_secs_f64() * 1000.0);
         me.trace.record_all(done.iter().copied(), "decision durable", &detail);
         crash_point!("coordinator::after_decision_sync");
@@ -818,6 +818,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             anyhow::bail!("participant {p} is listed twice in --participants: each replica needs its own address");
         }
     }
+    if config.metrics.is_some() {
+        // Before anything records (see `treaty_metrics::hot`).
+        treaty_metrics::install();
+    }
     let addr = listener.local_addr()?.to_string();
     let (store, cluster) = CoordinatorStore::open(&config.data_dir, &config.participants)?;
     let last = store.last_index()?;
@@ -886,7 +890,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     });
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_addr) = coord.config.metrics.clone() {
-        treaty_metrics::install();
         let metrics_listener = TcpListener::bind(&metrics_addr)
             .await
             .with_context(|| format!("cannot serve metrics on {metrics_addr} (--metrics)"))?;

@@ -51,7 +51,7 @@ impl Observer {
 
     /// A transaction this coordinator ran was answered after `took`.
     pub(crate) fn answered(&self, result: &Result<Committed>, took: Duration) {
-        metrics::histogram!(m::COMMIT_SECONDS).record(took.as_secs_f64());
+        m::hot::commit_seconds().record(took.as_secs_f64());
         let _ = self.latencies.lock().unwrap().record(took.as_micros().max(1) as u64);
         if result.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -77,7 +77,7 @@ pub(crate) fn reason(e: &Error) -> &'static str {
 /// Counts one answered transaction (in `step`, once per transaction).
 pub(crate) fn count(result: &Result<Committed>) {
     match result {
-        Ok(_) => metrics::counter!(m::COMMITS).increment(1),
+        Ok(_) => m::hot::commits().increment(1),
         Err(e) => metrics::counter!(m::ABORTS, "reason" => reason(e)).increment(1),
     }
 }

@@ -264,18 +264,18 @@ impl Node {
                 None => &*item.txn,
             };
             let vote = self.prepare_one(txn, item.attempt, give_up, &mut logging.records, &mut sync_needed).await;
-            let label = match &vote {
-                Ok(Vote::Yes) => "yes",
-                Ok(Vote::No(_)) => "no",
-                Err(_) => "error",
-            };
+            match &vote {
+                Ok(Vote::Yes) => treaty_metrics::hot::votes_yes(),
+                Ok(Vote::No(_)) => treaty_metrics::hot::votes_no(),
+                Err(_) => treaty_metrics::hot::votes_error(),
+            }
+            .increment(1);
             let detail = match &vote {
                 Ok(Vote::No(why)) => format!("no: {why}"),
                 Err(e) => format!("error: {e}"),
                 _ => "yes".to_string(),
             };
             self.trace.record(item.txn.id, "voted", detail);
-            metrics::counter!(treaty_metrics::VOTES, "vote" => label).increment(1);
             votes.push(vote);
         }
         let count = logging.records.len();
@@ -298,7 +298,7 @@ impl Node {
             );
             self.trace.record_all(logging.records.iter().map(|r| r.txn_id), "record durable", &detail);
         }
-        metrics::histogram!(treaty_metrics::VOTE_SECONDS).record(started.elapsed().as_secs_f64());
+        treaty_metrics::hot::vote_seconds().record(started.elapsed().as_secs_f64());
         Ok(votes)
     }
 
@@ -490,11 +490,10 @@ impl Node {
     async fn get(&self, key: Key, stale: bool) -> Result<Option<Versioned>> {
         treaty_common::types::check_key(&key)?;
         if let Some(placement) = self.partitioned().filter(|p| !p.holds(self.id, &key)) {
-            metrics::counter!(treaty_metrics::READS, "mode" => "forwarded").increment(1);
+            treaty_metrics::hot::reads_forwarded().increment(1);
             return self.forward_get(&placement, key, stale).await;
         }
-        let mode = if stale { "stale" } else { "linearizable" };
-        metrics::counter!(treaty_metrics::READS, "mode" => mode).increment(1);
+        if stale { treaty_metrics::hot::reads_stale() } else { treaty_metrics::hot::reads_linearizable() }.increment(1);
         if !stale {
             self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
         } else {
@@ -818,7 +817,7 @@ impl Node {
                 crash_point!("participant::after_apply");
                 self.core.lock().unwrap().applied(last);
                 self.applied_count.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                metrics::counter!(treaty_metrics::APPLIED).increment(batch.len() as u64);
+                treaty_metrics::hot::applied().increment(batch.len() as u64);
                 for e in &batch {
                     self.trace.record(
                         e.txn_id,
@@ -826,7 +825,7 @@ impl Node {
                         format!("index {} ({} in this apply)", e.index, batch.len()),
                     );
                 }
-                metrics::histogram!(treaty_metrics::APPLY_SECONDS).record(apply_started.elapsed().as_secs_f64());
+                treaty_metrics::hot::apply_seconds().record(apply_started.elapsed().as_secs_f64());
                 debug!(through = last, count = batch.len(), "applied");
                 self.bump();
             }
@@ -1269,7 +1268,7 @@ impl ParticipantService for Server {
     async fn prepare(self, _: Context, batch: PrepareBatch) -> Result<Vec<Result<Vote>>> {
         self.caller.require_coordinator("PREPARE")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
+        treaty_metrics::hot::messages().increment(1);
         self.node.refuse_while_installing()?;
         self.node.prepare(batch).await
     }
@@ -1285,7 +1284,7 @@ impl ParticipantService for Server {
     ) -> Result<()> {
         self.caller.require_coordinator("COMMIT and ABORT")?;
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
+        treaty_metrics::hot::messages().increment(1);
         self.node.refuse_while_installing()?;
         let checked = self.node.standing.lock().unwrap().check_decide(cluster, from);
         self.node.checked(checked)?;
@@ -1322,7 +1321,7 @@ impl ParticipantService for Server {
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
         self.node.rpcs.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(treaty_metrics::MESSAGES).increment(1);
+        treaty_metrics::hot::messages().increment(1);
         txn.validate()?;
         let (result, sent) = self
             .node
@@ -1421,6 +1420,10 @@ impl Drop for Logging<'_> {
 /// Runs a participant on `listener` until `shutdown` resolves. Returns an
 /// error if the data directory or the cluster identity is wrong.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if config.metrics.is_some() {
+        // Before anything records (see `treaty_metrics::hot`).
+        treaty_metrics::install();
+    }
     let addr = listener.local_addr()?.to_string();
     let store = ReplicaStore::open(&config.data_dir, config.id)?;
     let applied = store.applied_index()?;
@@ -1492,7 +1495,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     };
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(metrics_addr) = &config.metrics {
-        treaty_metrics::install();
         let listener = TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("cannot serve metrics on {metrics_addr} (--metrics)"))?;

@@ -122,3 +122,40 @@ pub const APPLY_SECONDS: &str = "treaty_apply_seconds";
 /// Participant: a PREPARE batch from arrival to its votes (checks, WAL
 /// write, sync).
 pub const VOTE_SECONDS: &str = "treaty_vote_seconds";
+
+/// Handles of the metrics recorded on every request, looked up once instead
+/// of at every call (a lookup hashes the name and labels). They bind to the
+/// recorder present at first use, so a server calls [`install`] before it
+/// serves anything (without `--metrics` they bind to the no-op recorder).
+pub mod hot {
+    use std::sync::OnceLock;
+
+    use metrics::{Counter, Histogram};
+
+    macro_rules! handles {
+        ($($fn:ident: $kind:ident = $make:expr;)*) => {$(
+            pub fn $fn() -> &'static $kind {
+                static H: OnceLock<$kind> = OnceLock::new();
+                H.get_or_init(|| $make)
+            }
+        )*};
+    }
+
+    handles! {
+        commits: Counter = metrics::counter!(super::COMMITS);
+        messages: Counter = metrics::counter!(super::MESSAGES);
+        syncs: Counter = metrics::counter!(super::SYNCS);
+        commit_seconds: Histogram = metrics::histogram!(super::COMMIT_SECONDS);
+        prepare_seconds: Histogram = metrics::histogram!(super::PREPARE_SECONDS);
+        decision_sync_seconds: Histogram = metrics::histogram!(super::DECISION_SYNC_SECONDS);
+        reads_linearizable: Counter = metrics::counter!(super::READS, "mode" => "linearizable");
+        reads_stale: Counter = metrics::counter!(super::READS, "mode" => "stale");
+        reads_forwarded: Counter = metrics::counter!(super::READS, "mode" => "forwarded");
+        votes_yes: Counter = metrics::counter!(super::VOTES, "vote" => "yes");
+        votes_no: Counter = metrics::counter!(super::VOTES, "vote" => "no");
+        votes_error: Counter = metrics::counter!(super::VOTES, "vote" => "error");
+        vote_seconds: Histogram = metrics::histogram!(super::VOTE_SECONDS);
+        applied: Counter = metrics::counter!(super::APPLIED);
+        apply_seconds: Histogram = metrics::histogram!(super::APPLY_SECONDS);
+    }
+}
