@@ -270,12 +270,20 @@ impl ReplicaCore {
             }
             return Ok(CommitStep::Queued);
         }
-        if let Some(p) = self.prepared.get_mut(&txn_id) {
-            if let Some(prev) = p.decided {
+        if let Some(p) = self.prepared.get(&txn_id) {
+            // Committed before: through its record, or (a hostile sequence)
+            // with its writes at another index, queued or being applied, whose
+            // apply will end this record.
+            let elsewhere = || {
+                let queued = self.queue.iter().find(|(_, (t, _))| *t == txn_id).map(|(i, _)| *i);
+                queued.or_else(|| self.applying.iter().find(|(_, t)| **t == txn_id).map(|(i, _)| *i))
+            };
+            if let Some(prev) = p.decided.or_else(elsewhere) {
                 return Err(Error::Invalid(format!(
                     "COMMIT of {txn_id} at index {index}, but it was already committed at index {prev}: refused"
                 )));
             }
+            let p = self.prepared.get_mut(&txn_id).expect("checked above");
             p.decided = Some(index);
             self.queue.insert(index, (txn_id, None));
             return Ok(CommitStep::Queued);

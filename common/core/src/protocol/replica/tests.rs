@@ -553,6 +553,25 @@ proptest! {
     }
 }
 
+/// Found by `hostile_message_sequences_never_break_a_replica`: a commit
+/// with its writes queued at one index, then a PREPARE of the same
+/// transaction and its COMMIT at a second index. Accepting the second left a
+/// queued commit whose record the first apply ended (the applier would have
+/// panicked on it); it is refused.
+#[test]
+fn a_commit_at_a_second_index_is_refused_even_when_the_first_came_with_its_writes() {
+    let mut s = Sim::default();
+    let writes: Writes = Arc::new(vec![Write::Put(vec![5], vec![0])]);
+    assert_eq!(s.core.commit(TxnId(5), 1, Some(writes)), Ok(CommitStep::Queued));
+    let t = Txn { id: TxnId(5), conditions: vec![], writes: vec![Write::Put(vec![0], vec![0])] };
+    assert!(matches!(s.prepare(&t, 0), PrepareStep::Persist(_)));
+    let refused = s.core.commit(TxnId(5), 3, None).unwrap_err().to_string();
+    assert!(refused.contains("already committed at index 1"), "{refused}");
+    s.apply_ready();
+    s.check(0);
+    assert_eq!(s.core.applied_index(), 1);
+}
+
 #[test]
 fn a_skipped_index_applies_as_a_commit_without_writes_and_keeps_the_order() {
     let mut s = Sim::default();
