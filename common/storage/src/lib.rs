@@ -80,6 +80,8 @@ use treaty_core::protocol::{ApplyEntry, PreparedRecord};
 use treaty_core::types::{RangeEntry, RangePage, RangeRequest, TxnId, Versioned, Write, RANGE_PAGE_BYTES};
 use treaty_core::{Error, Result};
 
+pub mod files;
+
 /// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
 trait Db<T> {
     fn db(self) -> Result<T>;
@@ -102,15 +104,10 @@ pub const REPLICA_CACHE_BYTES: u64 = 128 * 1024 * 1024;
 /// only recent entries (catch-up) and decisions (retries).
 pub const COORDINATOR_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Storage(format!("cannot create data dir {}: {e}", dir.display())))?;
-    // Every vote and decision is made durable by `Durability::sync`, so
-    // sled's background flush (every 500 ms by default) only bounds how much
-    // unsynced apply work a crash can lose (replayed from the log); it stays.
-    sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(|e| {
-        Error::Storage(format!("cannot open data dir {}: {e} (is another Treaty process using it?)", dir.display()))
-    })
+/// Opens the sled db of `dir` (rewriting bloated files first, see
+/// [`files`]); returns it and the directory holding its files.
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, PathBuf)> {
+    files::open(dir, cache_bytes, files::Policy::DEFAULT)
 }
 
 fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>> {
@@ -250,7 +247,8 @@ impl GroupSync {
 #[derive(Clone)]
 pub struct ReplicaStore {
     db: sled::Db,
-    dir: PathBuf,
+    /// Where sled's files are (the data dir or a subdirectory, see [`files`]).
+    files: PathBuf,
     meta: sled::Tree,
     data: sled::Tree,
     wal: sled::Tree,
@@ -266,7 +264,7 @@ impl ReplicaStore {
     /// Opens (or creates) the store of participant `node_id`. Refuses a
     /// directory that belongs to another participant, touching nothing.
     pub fn open(dir: &Path, node_id: u64) -> Result<Self> {
-        let db = open_db(dir, REPLICA_CACHE_BYTES)?;
+        let (db, files) = open_db(dir, REPLICA_CACHE_BYTES)?;
         let meta = db.open_tree("meta").db()?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"decisions") {
             return Err(Error::Identity(format!(
@@ -293,23 +291,11 @@ impl ReplicaStore {
         }
         let wal = db.open_tree("wal").db()?;
         let wal_index = Arc::new(Mutex::new(WalIndex::open(&wal)?));
-        Ok(ReplicaStore {
-            data: db.open_tree("data").db()?,
-            wal,
-            wal_index,
-            meta,
-            dir: dir.to_path_buf(),
-            db,
-            gate: Arc::default(),
-        })
+        Ok(ReplicaStore { data: db.open_tree("data").db()?, wal, wal_index, meta, files, db, gate: Arc::default() })
     }
 
     pub fn durability(&self) -> Result<Durability> {
-        Durability::new(self.db.clone(), &self.dir)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Durability::new(self.db.clone(), &self.files)
     }
 
     pub fn cluster(&self) -> Result<Option<ClusterId>> {
@@ -767,7 +753,8 @@ struct DecisionIndex {
 #[derive(Clone)]
 pub struct CoordinatorStore {
     db: sled::Db,
-    dir: PathBuf,
+    /// Where sled's files are (the data dir or a subdirectory, see [`files`]).
+    files: PathBuf,
     meta: sled::Tree,
     log: sled::Tree,
     decisions: sled::Tree,
@@ -813,7 +800,7 @@ impl CoordinatorStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::Storage(format!("cannot read {}: {e}", id_file.display()))),
         };
-        let db = open_db(dir, COORDINATOR_CACHE_BYTES)?;
+        let (db, files) = open_db(dir, COORDINATOR_CACHE_BYTES)?;
         if db.tree_names().iter().any(|n| n.as_ref() == b"wal") {
             return Err(Error::Identity(format!(
                 "data dir {} belongs to a participant, not the coordinator: give the coordinator its own directory",
@@ -872,7 +859,7 @@ impl CoordinatorStore {
                 let c = ClusterId(rand::random::<u64>() | 1);
                 meta.insert("participants", encode(&participants.to_vec())).db()?;
                 meta.insert("cluster", &c.0.to_be_bytes()).db()?;
-                Durability::new(db.clone(), dir)?.sync()?;
+                Durability::new(db.clone(), &files)?.sync()?;
                 write_id_file(dir, c, participants)?;
                 c
             }
@@ -895,7 +882,7 @@ impl CoordinatorStore {
             aborts,
             index: Arc::new(Mutex::new(index)),
             meta,
-            dir: dir.to_path_buf(),
+            files,
             db,
         };
         Ok((store, cluster))
@@ -913,12 +900,12 @@ impl CoordinatorStore {
         let inc = Incarnation { generation, nonce: rand::random() };
         history.insert(generation, inc.nonce);
         self.meta.insert("history", encode(&history)).db()?;
-        Durability::new(self.db.clone(), &self.dir)?.sync()?;
+        Durability::new(self.db.clone(), &self.files)?.sync()?;
         Ok((inc, history))
     }
 
     pub fn durability(&self) -> Result<Durability> {
-        Durability::new(self.db.clone(), &self.dir)
+        Durability::new(self.db.clone(), &self.files)
     }
 
     /// The stored view, if any.
@@ -957,7 +944,7 @@ impl CoordinatorStore {
     /// Stores the view durably (synced before it returns).
     pub fn set_view(&self, view: &treaty_core::protocol::View) -> Result<()> {
         self.meta.insert("view", encode(view)).db()?;
-        Durability::new(self.db.clone(), &self.dir)?.sync()
+        Durability::new(self.db.clone(), &self.files)?.sync()
     }
 
     /// The stored roster (`None`: never changed since the cluster was
@@ -977,7 +964,7 @@ impl CoordinatorStore {
         batch.insert("view", encode(view));
         batch.insert("roster", encode(roster));
         self.meta.apply_batch(batch).db()?;
-        Durability::new(self.db.clone(), &self.dir)?.sync()
+        Durability::new(self.db.clone(), &self.files)?.sync()
     }
 
     /// Highest commit index in the log (0 if none).
