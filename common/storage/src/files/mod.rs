@@ -42,6 +42,8 @@ use treaty_core::{Error, Result};
 const CURRENT: &str = "CURRENT";
 const CURRENT_TMP: &str = "CURRENT.tmp";
 const STORE_PREFIX: &str = "store-";
+/// sled's cache while a store is checked and copied.
+const CHECK_CACHE_BYTES: u64 = 16 << 20;
 
 /// When opening a store rewrites its files.
 #[derive(Clone, Copy, Debug)]
@@ -183,28 +185,31 @@ fn live_bytes(db: &sled::Db, enough: u64) -> Result<u64> {
 pub fn open(dir: &Path, cache_bytes: u64, policy: Policy) -> Result<(sled::Db, PathBuf)> {
     std::fs::create_dir_all(dir).map_err(io("create data dir", dir))?;
     let files = resolve(dir)?;
-    let db = open_sled(dir, &files, cache_bytes)?;
     let before = file_bytes(&files);
     if before <= policy.threshold(0) {
-        return Ok((db, files));
+        return Ok((open_sled(dir, &files, cache_bytes)?, files));
     }
+    // The check and the copy read every entry once: through a small cache,
+    // so that they leave the process no bigger than serving would.
+    let db = open_sled(dir, &files, CHECK_CACHE_BYTES)?;
     let live = live_bytes(&db, (before - policy.slack_bytes).div_ceil(policy.factor))?;
     if before <= policy.threshold(live) {
-        return Ok((db, files));
+        drop(db);
+        return Ok((open_sled(dir, &files, cache_bytes)?, files));
     }
     let started = Instant::now();
-    match rewrite(dir, &files, &db, cache_bytes) {
+    let rewritten = rewrite(dir, &files, &db);
+    drop(db);
+    match rewritten {
         Ok(new_files) => {
-            drop(db);
             remove_old(dir, &files)?;
-            let db = open_sled(dir, &new_files, cache_bytes)?;
             let after = file_bytes(&new_files);
             tracing::info!(
                 before_mb = before >> 20, after_mb = after >> 20, live_mb = live >> 20,
                 took_ms = started.elapsed().as_millis() as u64, dir = %dir.display(),
                 "rewrote the storage files to give space back"
             );
-            Ok((db, new_files))
+            Ok((open_sled(dir, &new_files, cache_bytes)?, new_files))
         }
         Err(e) => {
             tracing::warn!(
@@ -212,7 +217,7 @@ pub fn open(dir: &Path, cache_bytes: u64, policy: Policy) -> Result<(sled::Db, P
                 "could not rewrite the storage files (keeping the old ones, which are intact): free some disk space \
                  and restart the node to try again"
             );
-            Ok((db, files))
+            Ok((open_sled(dir, &files, cache_bytes)?, files))
         }
     }
 }
@@ -227,7 +232,7 @@ fn open_sled(dir: &Path, files: &Path, cache_bytes: u64) -> Result<sled::Db> {
 }
 
 /// Steps 1 and 2: the copy and the switch. Returns the new files' directory.
-fn rewrite(dir: &Path, files: &Path, db: &sled::Db, cache_bytes: u64) -> Result<PathBuf> {
+fn rewrite(dir: &Path, files: &Path, db: &sled::Db) -> Result<PathBuf> {
     let next = match files.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(STORE_PREFIX)) {
         Some(n) if files != dir => n.parse::<u64>().unwrap_or(0) + 1,
         _ => 1,
@@ -235,7 +240,7 @@ fn rewrite(dir: &Path, files: &Path, db: &sled::Db, cache_bytes: u64) -> Result<
     let name = format!("{STORE_PREFIX}{next}");
     let new_files = dir.join(&name);
     remove(&new_files)?;
-    let copied = copy_trees(db, &new_files, cache_bytes).and_then(|()| sync_tree(&new_files));
+    let copied = copy_trees(db, &new_files).and_then(|()| sync_tree(&new_files));
     if let Err(e) = copied {
         let _ = remove(&new_files);
         return Err(e);
@@ -250,8 +255,8 @@ fn rewrite(dir: &Path, files: &Path, db: &sled::Db, cache_bytes: u64) -> Result<
     Ok(new_files)
 }
 
-fn copy_trees(db: &sled::Db, to: &Path, cache_bytes: u64) -> Result<()> {
-    let fresh = sled::Config::new().path(to).cache_capacity(cache_bytes).create_new(true).open().map_err(sled_err)?;
+fn copy_trees(db: &sled::Db, to: &Path) -> Result<()> {
+    let fresh = sled::Config::new().path(to).cache_capacity(CHECK_CACHE_BYTES).create_new(true).open().map_err(sled_err)?;
     for name in db.tree_names() {
         let (from, into) = (db.open_tree(&name).map_err(sled_err)?, fresh.open_tree(&name).map_err(sled_err)?);
         let mut batch = sled::Batch::default();
