@@ -256,7 +256,8 @@ fn rewrite(dir: &Path, files: &Path, db: &sled::Db) -> Result<PathBuf> {
 }
 
 fn copy_trees(db: &sled::Db, to: &Path) -> Result<()> {
-    let fresh = sled::Config::new().path(to).cache_capacity(CHECK_CACHE_BYTES).create_new(true).open().map_err(sled_err)?;
+    let fresh =
+        sled::Config::new().path(to).cache_capacity(CHECK_CACHE_BYTES).create_new(true).open().map_err(sled_err)?;
     for name in db.tree_names() {
         let (from, into) = (db.open_tree(&name).map_err(sled_err)?, fresh.open_tree(&name).map_err(sled_err)?);
         let mut batch = sled::Batch::default();
