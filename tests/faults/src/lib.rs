@@ -14,8 +14,9 @@
 //! participant or the coordinator, SIGSTOP/SIGCONT of either, and a
 //! partition between the coordinator and one participant (connections
 //! dropped, or silently blackholed); and, only when asked for
-//! (`--faults replace-participant`), a membership change: a new participant
-//! added (`treaty member add`) and a random one removed for good.
+//! (`--faults replace-participant`, alone or among the others), a membership
+//! change: a new participant added (`treaty member add`) and a random one
+//! removed for good.
 
 pub mod checker;
 pub mod proxy;

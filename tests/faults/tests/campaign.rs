@@ -46,6 +46,23 @@ async fn seeded_fault_campaigns_with_membership_changes_stay_linearizable() {
     assert!(report.linearizable(), "{}", report.summary());
 }
 
+/// Membership changes among every other kind of fault in one campaign: a
+/// participant added and one removed, then kills, pauses and partitions
+/// that may hit the new participant, the coordinator or the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_mixed_with_other_faults_stay_linearizable() {
+    let mut cfg = CampaignConfig::new(1);
+    cfg.kinds = FaultKind::ALL.to_vec();
+    cfg.kinds.push(FaultKind::ReplaceParticipant);
+    cfg.duration = std::time::Duration::from_secs(12);
+    let report = run(cfg).await.unwrap();
+    println!("{}", report.summary());
+    assert!(report.faults.iter().any(|f| f.contains("removed")), "no membership change: {}", report.summary());
+    assert!(report.faults.iter().any(|f| !f.contains("removed")), "no other fault: {}", report.summary());
+    assert!(report.committed > 20, "too little progress: {}", report.summary());
+    assert!(report.linearizable(), "{}", report.summary());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_a_build_whose_reads_skip_the_prepared_wait() {
     let mut cfg = CampaignConfig::new(42);
