@@ -2,8 +2,10 @@
 //! from snapshots, with real processes: one killed and left behind while
 //! keys are deleted and overwritten, one wiped, then both restarted under
 //! write load; an install killed (-9) half way and resumed, at replication
-//! 3 of 5 (several snapshot groups). Every replica's own sled files must
-//! end up identical (full copies) or hold exactly their keys (partitioned).
+//! 3 of 5 (several snapshot groups); a participant with bloated sled files
+//! killed (-9) before and after switching to their fresh copy. Every
+//! replica's own sled files must end up identical (full copies) or hold
+//! exactly their keys (partitioned).
 
 use std::time::{Duration, Instant};
 
@@ -171,4 +173,81 @@ async fn an_install_killed_half_way_resumes_and_holds_exactly_its_partitions() {
     assert!(mine.keys().all(|k| placement.holds(2, k)), "participant 2 stores keys not placed on it");
     assert_eq!(mine.len(), want.len());
     assert!(mine == want, "participant 2 differs from the other replicas of its partitions");
+}
+
+/// Churns a scratch tree in a stopped participant's own sled files (about
+/// 48 MB written, then the tree dropped): the files bloat as overwrites
+/// bloat them, and the participant's data is untouched.
+fn bloat(dir: &std::path::Path) -> u64 {
+    let files = treaty_storage::files::resolve(dir).unwrap();
+    let db = sled::Config::new().path(&files).open().unwrap();
+    let scratch = db.open_tree("scratch").unwrap();
+    for round in 0..3u8 {
+        for chunk in 0..16u32 {
+            let mut b = sled::Batch::default();
+            for k in 0..1_000u32 {
+                b.insert(format!("{chunk:02}/{k:04}").as_bytes(), vec![round; 1_000]);
+            }
+            scratch.apply_batch(b).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    drop(scratch);
+    assert!(db.drop_tree("scratch").unwrap());
+    db.flush().unwrap();
+    drop(db);
+    treaty_storage::files::file_bytes(&files)
+}
+
+/// A participant whose sled files have bloated copies them into fresh ones
+/// when it starts. Killed (-9 at a failpoint) just before switching to the
+/// copy, and again just after, it still comes back holding exactly what the
+/// other replicas hold, in files a fraction of the size, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bloated_participant_gives_its_space_back_at_a_restart_even_when_killed_during_it() {
+    let mut c = start(&[]).await;
+    let client = c.client();
+    for t in 0..20 {
+        client.commit(puts((0..50).map(|j| format!("key/{t:02}/{j:02}")), b"v1")).await.unwrap();
+    }
+    assert!(c.wait_applied(Duration::from_secs(10)).await);
+    c.stop(3);
+    let dir = c.data_dir(3);
+    let bloated = bloat(&dir);
+    assert!(bloated > 32 << 20, "the scratch churn left only {bloated} bytes: no bloat to test with");
+
+    for (failpoint, files_after) in
+        [("storage::rewrite_before_switch", None), ("storage::rewrite_after_switch", Some("store-1"))]
+    {
+        c.spawn(3, &[("TREATY_FAILPOINTS", &format!("{failpoint}=return"))]);
+        assert!(c.wait_exit(3, Duration::from_secs(30)), "participant 3 did not die at {failpoint}");
+        assert!(c.log(3).contains(&format!("failpoint {failpoint} hit")), "{}", c.log(3));
+        // The copy is made; the switch to it happened only in the second case.
+        let current = std::fs::read_to_string(dir.join("CURRENT")).ok();
+        assert_eq!(current.as_deref().map(str::trim), files_after, "CURRENT after a kill at {failpoint}");
+        assert!(dir.join("store-1").is_dir() && dir.join("db").is_file(), "after a kill at {failpoint}");
+    }
+    // Killed just after the switch: the old files are still there until
+    // the next start removes them.
+    c.spawn(3, &[]);
+    c.wait_ready(Duration::from_secs(30)).await;
+    assert!(c.log(3).contains("removing what an interrupted storage rewrite left"), "{}", c.log(3));
+    client.put(b"after", b"restart").await.unwrap();
+    let r3 = c.client_for(3);
+    assert_eq!(r3.get(b"after").await.unwrap().unwrap().value, b"restart");
+    assert_eq!(r3.get_with(b"key/19/49", ReadMode::Stale).await.unwrap().unwrap().value, b"v1");
+
+    assert!(c.wait_applied(Duration::from_secs(10)).await);
+    for i in 0..=N {
+        c.stop(i);
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["CURRENT", "store-1"], "participant 3's data dir");
+    let now = treaty_storage::files::file_bytes(&dir.join("store-1"));
+    assert!(now * 4 < bloated, "{bloated} bytes of files became {now}");
+    let one = stored(&c, 1);
+    assert_eq!(one.len(), 1_001);
+    assert!(stored(&c, 3) == one, "participant 3's files differ from participant 1's");
 }

@@ -245,13 +245,13 @@ fn rewrite(dir: &Path, files: &Path, db: &sled::Db) -> Result<PathBuf> {
         let _ = remove(&new_files);
         return Err(e);
     }
-    fail::fail_point!("storage::rewrite_before_switch", |_| std::process::abort());
+    fail::fail_point!("storage::rewrite_before_switch", |_| crash("storage::rewrite_before_switch"));
     let tmp = dir.join(CURRENT_TMP);
     std::fs::write(&tmp, format!("{name}\n")).map_err(io("write", &tmp))?;
     File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, dir.join(CURRENT)).map_err(io("rename", &tmp))?;
     sync_dir(dir)?;
-    fail::fail_point!("storage::rewrite_after_switch", |_| std::process::abort());
+    fail::fail_point!("storage::rewrite_after_switch", |_| crash("storage::rewrite_after_switch"));
     Ok(new_files)
 }
 
@@ -275,6 +275,12 @@ fn copy_trees(db: &sled::Db, to: &Path) -> Result<()> {
     }
     fresh.flush().map_err(sled_err)?;
     Ok(())
+}
+
+/// A failpoint's `abort()` (a kill -9 at that step, for tests).
+fn crash(name: &str) -> ! {
+    eprintln!("treaty: failpoint {name} hit: aborting");
+    std::process::abort()
 }
 
 /// fsyncs every file and directory under `path`, and `path` itself.
