@@ -226,9 +226,29 @@ fn open_sled(dir: &Path, files: &Path, cache_bytes: u64) -> Result<sled::Db> {
     // Every vote and decision is made durable by `Durability::sync`, so
     // sled's background flush (every 500 ms by default) only bounds how much
     // unsynced apply work a crash can lose (replayed from the log); it stays.
-    sled::Config::new().path(files).cache_capacity(cache_bytes).open().map_err(|e| {
-        Error::Storage(format!("cannot open data dir {}: {e} (is another Treaty process using it?)", dir.display()))
-    })
+    let config = sled::Config::new().path(files).cache_capacity(cache_bytes);
+    // A db this process just dropped (the check, the copy) keeps its file
+    // lock until sled's background threads let go of it, a few ms later:
+    // wait for that rather than fail. Another process holding it fails
+    // after the wait.
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => {
+                return r.map_err(|e| {
+                    Error::Storage(format!(
+                        "cannot open data dir {}: {e} (is another Treaty process using it?)",
+                        dir.display()
+                    ))
+                })
+            }
+        }
+    }
 }
 
 /// Steps 1 and 2: the copy and the switch. Returns the new files' directory.
