@@ -733,3 +733,23 @@ async fn values_from_files_and_stdin_up_to_the_limit() {
     let t = Txn::new(vec![Condition::Exists(b"big".to_vec())], vec![Write::Delete(b"big".to_vec())]);
     c.client().commit(t).await.unwrap();
 }
+
+/// `treaty demo` whose coordinator cannot start (here its data dir is a
+/// file) says so with the coordinator's own message, as soon as it exits,
+/// rather than only that the cluster did not become ready.
+#[test]
+fn the_demo_says_why_a_node_would_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("coordinator"), "not a directory").unwrap();
+    let port = treaty_tests::free_ports(6)[0];
+    let out = std::process::Command::new(binary("treaty"))
+        .args(["demo", "--no-repl", "--no-redis", "--no-metrics", "--port", &port.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .env_remove("TREATY_REPLICATION")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("error: coordinator exited (exit status: 1)"), "{stderr}");
+    assert!(stderr.contains("cannot read data dir") && stderr.contains("Not a directory"), "{stderr}");
+}

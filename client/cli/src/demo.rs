@@ -68,6 +68,18 @@ fn ensure_certs(dir: &std::path::Path, participants: u64) -> Result<(), String> 
 struct Node {
     name: String,
     child: Child,
+    log: PathBuf,
+}
+
+impl Node {
+    /// If the node has exited: how, and the last line of its log (a node
+    /// that refuses to start says why there).
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(its log is empty)");
+        Some(format!("{} exited ({status}): {}", self.name, last.trim()))
+    }
 }
 
 fn spawn(name: &str, args: &[String], log: PathBuf) -> std::io::Result<Node> {
@@ -85,7 +97,7 @@ fn spawn(name: &str, args: &[String], log: PathBuf) -> std::io::Result<Node> {
             Ok(())
         });
     }
-    Ok(Node { name: name.to_string(), child: cmd.spawn()? })
+    Ok(Node { name: name.to_string(), child: cmd.spawn()?, log })
 }
 
 fn stop(nodes: &mut [Node]) {
@@ -222,14 +234,25 @@ pub fn run(args: DemoArgs) -> i32 {
                     return Ok(());
                 }
             }
+            let exited: Vec<String> = nodes.iter_mut().filter_map(Node::exited).collect();
+            if !exited.is_empty() {
+                return Err(exited);
+            }
             if Instant::now() > deadline {
-                return Err(());
+                return Err(vec![]);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    if ready.is_err() {
-        eprintln!("error: the cluster did not become ready within 20 s; see the logs in {}", logs.display());
+    if let Err(exited) = ready {
+        for e in &exited {
+            eprintln!("error: {e}");
+        }
+        if exited.is_empty() {
+            eprintln!("error: the cluster did not become ready within 20 s; see the logs in {}", logs.display());
+        } else {
+            eprintln!("(the logs are in {})", logs.display());
+        }
         stop(&mut nodes);
         if !args.insecure {
             credentials::unregister(&all_addrs, &certs);
