@@ -67,14 +67,6 @@ impl Policy {
     }
 }
 
-/// What a rewrite did, for the log and for tests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rewrite {
-    pub before_bytes: u64,
-    pub after_bytes: u64,
-    pub live_bytes: u64,
-}
-
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let (what, path) = (what.to_string(), path.display().to_string());
     move |e| Error::Storage(format!("cannot {what} {path}: {e}"))
@@ -121,25 +113,36 @@ fn current(dir: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Tidies the leftovers of an interrupted rewrite (see the module docs)
-/// and returns the directory holding sled's files.
-pub fn resolve(dir: &Path) -> Result<PathBuf> {
-    let live = current(dir)?;
+/// What a rewrite leaves in `dir` once `CURRENT` names `live` (or, with
+/// none, once sled's files are the data dir's own): `CURRENT.tmp`, any other
+/// `store-*`, and sled files in the data dir itself while `CURRENT` exists.
+fn leftovers(dir: &Path, live: Option<&str>) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(dir.to_path_buf()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(io("read", dir)(e)),
     };
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io("read", dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let leftover = name == CURRENT_TMP
-            || (name.starts_with(STORE_PREFIX) && live.as_deref() != Some(&name))
+            || (name.starts_with(STORE_PREFIX) && live != Some(name.as_str()))
             || (live.is_some() && is_sled_file(&name));
         if leftover {
-            tracing::info!(path = %entry.path().display(), "removing what an interrupted storage rewrite left");
-            remove(&entry.path())?;
+            found.push(entry.path());
         }
+    }
+    Ok(found)
+}
+
+/// Tidies the leftovers of an interrupted rewrite (see the module docs)
+/// and returns the directory holding sled's files.
+pub fn resolve(dir: &Path) -> Result<PathBuf> {
+    let live = current(dir)?;
+    for path in leftovers(dir, live.as_deref())? {
+        tracing::info!(path = %path.display(), "removing what an interrupted storage rewrite left");
+        remove(&path)?;
     }
     Ok(live.map_or_else(|| dir.to_path_buf(), |n| dir.join(n)))
 }
@@ -198,11 +201,12 @@ pub fn open(dir: &Path, cache_bytes: u64, policy: Policy) -> Result<(sled::Db, P
         return Ok((open_sled(dir, &files, cache_bytes)?, files));
     }
     let started = Instant::now();
-    let rewritten = rewrite(dir, &files, &db);
+    let rewritten = rewrite(dir, &db);
     drop(db);
     match rewritten {
-        Ok(new_files) => {
-            remove_old(dir, &files)?;
+        Ok(name) => {
+            remove_old(dir, &name)?;
+            let new_files = dir.join(name);
             let after = file_bytes(&new_files);
             tracing::info!(
                 before_mb = before >> 20, after_mb = after >> 20, live_mb = live >> 20,
@@ -251,13 +255,10 @@ fn open_sled(dir: &Path, files: &Path, cache_bytes: u64) -> Result<sled::Db> {
     }
 }
 
-/// Steps 1 and 2: the copy and the switch. Returns the new files' directory.
-fn rewrite(dir: &Path, files: &Path, db: &sled::Db) -> Result<PathBuf> {
-    let next = match files.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(STORE_PREFIX)) {
-        Some(n) if files != dir => n.parse::<u64>().unwrap_or(0) + 1,
-        _ => 1,
-    };
-    let name = format!("{STORE_PREFIX}{next}");
+/// Steps 1 and 2: the copy and the switch. Returns the new files' directory name.
+fn rewrite(dir: &Path, db: &sled::Db) -> Result<String> {
+    let now = current(dir)?.and_then(|n| n[STORE_PREFIX.len()..].parse::<u64>().ok()).unwrap_or(0);
+    let name = format!("{STORE_PREFIX}{}", now + 1);
     let new_files = dir.join(&name);
     remove(&new_files)?;
     let copied = copy_trees(db, &new_files).and_then(|()| sync_tree(&new_files));
@@ -272,7 +273,7 @@ fn rewrite(dir: &Path, files: &Path, db: &sled::Db) -> Result<PathBuf> {
     std::fs::rename(&tmp, dir.join(CURRENT)).map_err(io("rename", &tmp))?;
     sync_dir(dir)?;
     fail::fail_point!("storage::rewrite_after_switch", |_| crash("storage::rewrite_after_switch"));
-    Ok(new_files)
+    Ok(name)
 }
 
 fn copy_trees(db: &sled::Db, to: &Path) -> Result<()> {
@@ -317,16 +318,8 @@ fn sync_tree(path: &Path) -> Result<()> {
 }
 
 /// Step 3: the old files go (the next open would remove them too).
-fn remove_old(dir: &Path, old_files: &Path) -> Result<()> {
-    if old_files != dir {
-        return remove(old_files);
-    }
-    for e in std::fs::read_dir(dir).map_err(io("read", dir))?.flatten() {
-        if is_sled_file(&e.file_name().to_string_lossy()) {
-            remove(&e.path())?;
-        }
-    }
-    Ok(())
+fn remove_old(dir: &Path, live: &str) -> Result<()> {
+    leftovers(dir, Some(live))?.iter().try_for_each(|p| remove(p))
 }
 
 #[cfg(test)]
