@@ -80,6 +80,7 @@ use treaty_core::protocol::{ApplyEntry, PreparedRecord};
 use treaty_core::types::{RangeEntry, RangePage, RangeRequest, TxnId, Versioned, Write, RANGE_PAGE_BYTES};
 use treaty_core::{Error, Result};
 
+pub mod alloc;
 pub mod files;
 
 /// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
