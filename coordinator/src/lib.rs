@@ -692,31 +692,26 @@ fn decision_result(d: Decision) -> Result<Committed> {
 }
 
 /// The persister: writes each batch of decisions and makes it durable with
-/// one sync, in one blocking call (it alone writes decisions, so there is
-/// nothing to group with), then tells the core, which answers and sends
-/// COMMITs only then.
-async fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mpsc::UnboundedReceiver<Decisions>) {
-    while let Some((commits, aborts)) = rx.recv().await {
+/// one sync (it alone writes decisions, so there is nothing to group with),
+/// then tells the core, which answers and sends COMMITs only then. It runs
+/// on a thread of its own, inside the runtime's context so that what the
+/// core asks for next can be spawned from it: a decision's write, sync and
+/// answer cost no hand-off to a task and back.
+fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mpsc::UnboundedReceiver<Decisions>) {
+    while let Some((commits, aborts)) = rx.blocking_recv() {
         crash_point!("coordinator::before_decision");
-        let store = me.store.clone();
         let started = Instant::now();
         let done: Vec<TxnId> = commits.iter().map(|e| e.txn_id).chain(aborts.iter().map(|a| a.0)).collect();
         let last = commits.last().map(|e| e.index);
         let after = last.unwrap_or_else(|| me.last_index.load(Ordering::Acquire));
-        let (d, written) = tokio::task::spawn_blocking(move || {
-            let written = (|| {
-                store.record_commits(&commits)?;
-                for (txn, reason) in &aborts {
-                    store.record_abort(*txn, reason, after)?;
-                }
-                crash_point!("coordinator::before_decision_sync");
-                durability.sync()
-            })();
-            (durability, written)
-        })
-        .await
-        .expect("persist task panicked");
-        durability = d;
+        let written = (|| {
+            me.store.record_commits(&commits)?;
+            for (txn, reason) in &aborts {
+                me.store.record_abort(*txn, reason, after)?;
+            }
+            crash_point!("coordinator::before_decision_sync");
+            durability.sync()
+        })();
         written.unwrap_or_else(|e| fatal_storage("recording decisions", e));
         me.syncs.fetch_add(1, Ordering::Relaxed);
         treaty_metrics::hot::syncs().increment(1);
@@ -899,7 +894,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
             let _ = metrics_stopped.await;
         }));
     }
-    tokio::spawn(persister(coord.clone(), durability, persist_rx));
+    let (me, runtime) = (coord.clone(), tokio::runtime::Handle::current());
+    std::thread::Builder::new()
+        .name("persister".into())
+        .spawn(move || {
+            let _in_runtime = runtime.enter();
+            persister(me, durability, persist_rx)
+        })
+        .context("starting the persister thread")?;
     tokio::spawn(coord.clone().monitor());
     tokio::spawn(coord.clone().compactor());
     let server_coord = coord.clone();
