@@ -402,28 +402,89 @@ test_replication3_partition_down() {
 # key; participant 2 removed (cluster.sh remove-participant) leaves the view
 # and writes go on without it.
 test_add_and_remove_participant() {
-  local script="" out p6
+  local script="" out
   for i in $(seq 1 20); do script="$script"$'\n'"put m/$i v$i"; done
   docker exec -i "$(cid participant-1)" /usr/local/bin/treaty --endpoints participant-1:7001 run - <<<"$script" >/dev/null ||
     fail "writing 20 keys" || return 1
-  out=$(TREATY_PROJECT="$project" TREATY_PORT_6=0 "$here/cluster.sh" add-participant 2>&1) || fail "add-participant: $out" || return 1
-  grep -q "participant 6 is active and in the view" <<<"$out" || fail "add-participant said: $out" || return 1
-  echo "    $(grep "participant 6 is" <<<"$out")"
+  add_six || return 1
   local status; status=$(tx 1 status)
   grep -q "members \[1, 2, 3, 4, 5, 6\]" <<<"$status" || fail "participant 6 is not in the view: $status" || return 1
-  p6=$(dc --profile participant-6 ps -q participant-6)
-  for i in 1 13 20; do
-    [ "$(docker exec "$p6" /usr/local/bin/treaty --endpoints participant-6:7006 get "m/$i")" = "v$i" ] ||
-      fail "participant 6 does not serve m/$i" || return 1
-  done
-  out=$(TREATY_PROJECT="$project" "$here/cluster.sh" remove-participant 2 2>&1) || fail "remove-participant: $out" || return 1
-  grep -q "participant 2 is removed for good" <<<"$out" || fail "remove-participant said: $out" || return 1
+  six_serves 1 13 20 || return 1
+  remove_two || return 1
   out=$(tx 1 status || true)
   grep -q "members \[1, 3, 4, 5, 6\]" <<<"$out" && grep -q "removed for good: participant 2" <<<"$out" ||
     fail "status after the removal: $out" || return 1
   tx 3 put after/removal yes >/dev/null || fail "a write after the removal" || return 1
-  [ "$(docker exec "$p6" /usr/local/bin/treaty --endpoints participant-6:7006 get after/removal)" = yes ] ||
-    fail "participant 6 does not serve the write made after the removal" || return 1
+  [ "$(in_six get after/removal)" = yes ] || fail "participant 6 does not serve the write made after the removal" || return 1
+}
+
+# The CLI in participant-6's container, talking to it.
+in_six() {
+  docker exec "$(dc --profile participant-6 ps -q participant-6)" /usr/local/bin/treaty --endpoints participant-6:7006 "$@"
+}
+
+# Participant 6 added with the documented steps (cluster.sh add-participant).
+add_six() {
+  local out
+  out=$(TREATY_PROJECT="$project" TREATY_PORT_6=0 "$here/cluster.sh" add-participant 2>&1) || fail "add-participant: $out" || return 1
+  grep -q "participant 6 is active and in the view" <<<"$out" || fail "add-participant said: $out" || return 1
+  echo "    $(grep "participant 6 is" <<<"$out")"
+}
+
+# Participant 6 serves m/I as vI for each I given.
+six_serves() {
+  local i
+  for i in "$@"; do
+    [ "$(in_six get "m/$i")" = "v$i" ] || fail "participant 6 does not serve m/$i" || return 1
+  done
+}
+
+# Participant 2 removed for good (cluster.sh remove-participant).
+remove_two() {
+  local out
+  out=$(TREATY_PROJECT="$project" "$here/cluster.sh" remove-participant 2 2>&1) || fail "remove-participant: $out" || return 1
+  grep -q "participant 2 is removed for good" <<<"$out" || fail "remove-participant said: $out" || return 1
+}
+
+# Sum of the KEYS column over the participants up, until it is $1 (the key
+# counts are at most 2 s old, and moved keys are dropped in the background).
+copies() {
+  local deadline=$((SECONDS + 20)) total=0
+  while [ $SECONDS -lt $deadline ]; do
+    total=$(tx "${2:-1}" status | awk '$1 == "participant" && $4 == "up" {s += $8} END {print s}')
+    [ "$total" = "$1" ] && return 0
+    sleep 0.5
+  done
+  fail "participants hold $total copies, expected $1"
+}
+
+# Each key on 3 of 5, then of 6, then of 5 again: participant 6 added with
+# the documented steps takes its share of the partitions (moved to it
+# while the cluster runs), participant 2 removed gives its share away
+# before it leaves, and every key stays on exactly 3 participants.
+test_replication3_add_and_remove_participant() {
+  local script="" status
+  for i in $(seq 1 30); do script="$script"$'\n'"put m/$i v$i"; done
+  docker exec -i "$(cid participant-1)" /usr/local/bin/treaty --endpoints participant-1:7001 run --atomic - <<<"$script" >/dev/null ||
+    fail "writing 30 keys" || return 1
+  copies 90 || return 1
+  add_six || return 1
+  status=$(tx 1 status)
+  grep -q "replication 3 of 6 (256 partitions)" <<<"$status" || fail "status after the add: $status" || return 1
+  grep "^participant 6 " <<<"$status" | grep -q "holds 128 of 256 partitions" ||
+    fail "participant 6 does not hold its share: $status" || return 1
+  copies 90 || return 1
+  six_serves 1 13 30 || return 1
+  remove_two || return 1
+  status=$(tx 1 status)
+  grep -q "replication 3 of 5 (256 partitions)" <<<"$status" && grep -q "removed for good: participant 2" <<<"$status" ||
+    fail "status after the removal: $status" || return 1
+  copies 90 || return 1
+  tx 3 put after/removal yes >/dev/null || fail "a write after the removal" || return 1
+  for i in 1 13 30; do
+    [ "$(tx 4 get "m/$i")" = "v$i" ] || fail "m/$i after the removal" || return 1
+  done
+  [ "$(in_six get after/removal)" = yes ] || fail "participant 6 does not serve the write made after the removal" || return 1
 }
 
 # The Redis door of each container, from the host's redis-cli with the
@@ -460,7 +521,7 @@ test_redis_door() {
 all=(write_one_read_all strangers_are_refused kill_participant_mid_batch coordinator_killed_between_phases
   network_disconnect restart_and_down_up_keep_data wiped_participant_reseeds backup_and_restore
   bad_configuration_exits_with_a_message shell_history_survives replication3_partition_down
-  add_and_remove_participant redis_door)
+  add_and_remove_participant replication3_add_and_remove_participant redis_door)
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${all[@]}")
 

@@ -41,13 +41,20 @@ pub trait ParticipantService {
     async fn range(req: RangeRequest) -> Result<RangePage>;
     /// A participant's part of a range page read across partitions: its
     /// keys in the range that it serves for `cover`, as of commit `as_of`
-    /// (see `treaty_core::protocol::ranges`). Only from participants.
-    async fn range_part(req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart>;
+    /// (see `treaty_core::protocol::ranges`). Only from participants, and
+    /// refused by one that knows another placement version than the asker.
+    async fn range_part(req: RangeRequest, cover: Vec<u64>, as_of: u64, placement_version: u64) -> Result<RangePart>;
     /// One chunk of a snapshot for a replica re-seeding itself: this
     /// replica's keys of `partitions` (`None`: all) from `start` on, as of
     /// one applied index. Only from participants, and only from a replica
-    /// that is caught up.
-    async fn snapshot(cluster: ClusterId, partitions: Option<Vec<u32>>, start: Key) -> Result<SnapshotChunk>;
+    /// that is caught up, holds those partitions and knows the asker's
+    /// placement version.
+    async fn snapshot(
+        cluster: ClusterId,
+        partitions: Option<Vec<u32>>,
+        start: Key,
+        placement_version: u64,
+    ) -> Result<SnapshotChunk>;
     /// Submits a transaction; forwarded to the coordinator.
     async fn submit(txn: Txn) -> Result<Committed>;
     /// The coordinator's liveness probe (several times a second): answers
@@ -68,8 +75,11 @@ pub trait ParticipantService {
 pub trait CoordinatorService {
     async fn submit(txn: Txn) -> Result<Committed>;
     async fn sync(req: SyncRequest) -> Result<SyncReply>;
-    /// Committed entries with index >= `from`, in order, at most `max` of them.
-    async fn fetch_log(cluster: ClusterId, from: u64, max: u64) -> Result<Vec<LogEntry>>;
+    /// Committed entries with index >= `from`, in order, at most `max` of
+    /// them. Refused when partitions moved since `placement_version` (the
+    /// asker keeps only its own keys' writes, so it must know the new
+    /// placement first: it checks in and asks again).
+    async fn fetch_log(cluster: ClusterId, from: u64, max: u64, placement_version: u64) -> Result<Vec<LogEntry>>;
     async fn status() -> ClusterStatus;
     /// What became of a transaction id: `Committed(index)`, `Aborted` (no
     /// commit record and not running: it has not taken effect, and

@@ -39,6 +39,9 @@
 //! `coordinator::before_decision`, `coordinator::before_decision_sync`,
 //! `coordinator::after_decision_sync` (durable, nobody told),
 //! `coordinator::after_first_commit` (participant 1 told, the rest not).
+//! Moving partitions: `coordinator::before_placement_switch` (copies made,
+//! the new placement not written), `coordinator::after_placement_switch`
+//! (written and synced, not yet in effect).
 
 pub mod cli;
 mod observe;
@@ -219,13 +222,20 @@ impl Coordinator {
     }
 
     fn execute(self: &Arc<Self>, actions: Vec<Action>) {
+        // Every PREPARE of this step is traced before any is sent, so a
+        // vote that comes back at once (on the other worker thread) never
+        // appears before a prepare this step sends after it.
+        for action in &actions {
+            if let Action::Prepare { to, batch, items, .. } = action {
+                let detail = format!("to participant {to} (batch {batch}, {} transaction(s))", items.len());
+                self.trace.record_all(items.iter().map(|i| i.txn.id), "prepare sent", &detail);
+            }
+        }
         let mut commits = Vec::new();
         for action in actions {
             match action {
-                Action::Prepare { to, batch, epoch, replica, min_applied, items } => {
+                Action::Prepare { to, batch, epoch, replica, min_applied, placement_version, items } => {
                     let ids: Vec<TxnId> = items.iter().map(|i| i.txn.id).collect();
-                    let detail = format!("to participant {to} (batch {batch}, {} transaction(s))", ids.len());
-                    self.trace.record_all(ids.iter().copied(), "prepare sent", &detail);
                     let req = PrepareBatch {
                         cluster: self.cluster,
                         coordinator: self.incarnation,
@@ -233,6 +243,7 @@ impl Coordinator {
                         to,
                         epoch,
                         min_applied,
+                        placement_version,
                         items,
                     };
                     self.rpcs.fetch_add(1, Ordering::Relaxed);
@@ -310,6 +321,27 @@ impl Coordinator {
                             persist_ms = t0.elapsed().as_secs_f64() * 1000.0, "view changed"
                         );
                         me.step(|core, now| core.view_persisted(now));
+                    });
+                }
+                Action::PersistPlacement(spec) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let t0 = Instant::now();
+                        let store = me.store.clone();
+                        let s = spec.clone();
+                        crash_point!("coordinator::before_placement_switch");
+                        let r = tokio::task::spawn_blocking(move || store.set_placement(&s))
+                            .await
+                            .expect("set_placement task");
+                        if let Err(e) = r {
+                            fatal_storage("recording a move of partitions", e);
+                        }
+                        crash_point!("coordinator::after_placement_switch");
+                        info!(
+                            version = spec.version, moved = ?spec.previous.keys().collect::<Vec<_>>(),
+                            persist_ms = t0.elapsed().as_secs_f64() * 1000.0, "partitions moved"
+                        );
+                        me.step(|core, now| core.placement_persisted(now));
                     });
                 }
                 Action::Reply { .. } => unreachable!("taken out in step"),
@@ -504,6 +536,7 @@ impl Coordinator {
         self.step(move |core, now| {
             let was_fenced = core.is_fenced();
             core.set_installing(req.node_id, req.installing);
+            core.installed(req.node_id, req.replica, req.installed);
             let grant = core.on_sync(
                 req.node_id,
                 req.replica,
@@ -539,6 +572,7 @@ impl Coordinator {
                 min_applied: grant.min_applied,
                 placement: core.placement().spec().clone(),
                 participants: core.membership().participants(),
+                install: core.install_for(req.node_id),
             })
         })
     }
@@ -666,12 +700,13 @@ impl Coordinator {
             (*id, p.addr.clone(), s.map_err(|e| e.to_string()))
         }))
         .await;
-        let (members, min_replicas, placement, roster) = {
+        let (members, min_replicas, placement, roster, rebalance) = {
             let p = self.protocol.lock().unwrap();
             let m = p.core.membership();
             let placement = p.core.placement().spec().clone();
             let roster = m.roster().nodes.iter().map(|(id, e)| (*id, e.state)).collect();
-            (m.view().members.iter().copied().collect(), m.config().min_replicas as u64, placement, roster)
+            let members = m.view().members.iter().copied().collect();
+            (members, m.config().min_replicas as u64, placement, roster, p.core.rebalance_status())
         };
         ClusterStatus {
             coordinator: self.node_status(),
@@ -680,6 +715,7 @@ impl Coordinator {
             placement,
             participants: statuses,
             roster,
+            rebalance,
         }
     }
 }
@@ -746,7 +782,14 @@ impl CoordinatorService for Server {
         self.coord.sync(&self.caller, req)
     }
 
-    async fn fetch_log(self, _: Context, cluster: ClusterId, from: u64, max: u64) -> Result<Vec<LogEntry>> {
+    async fn fetch_log(
+        self,
+        _: Context,
+        cluster: ClusterId,
+        from: u64,
+        max: u64,
+        placement_version: u64,
+    ) -> Result<Vec<LogEntry>> {
         self.caller.require_participant("fetching the decision log")?;
         if cluster != self.coord.cluster {
             return Err(Error::Identity(format!(
@@ -761,7 +804,17 @@ impl CoordinatorService for Server {
         if from > last || from == 0 {
             return Ok(Vec::new());
         }
-        self.coord.store.entries(from, max.min(4096).min(last - from + 1), 4 * 1024 * 1024)
+        let entries = self.coord.store.entries(from, max.min(4096).min(last - from + 1), 4 * 1024 * 1024)?;
+        // Checked after the read: entries durable before a move cannot
+        // write to the moved partitions under the new placement.
+        let version = self.coord.protocol.lock().unwrap().core.placement().spec().version;
+        if version > placement_version {
+            return Err(Error::NotReady(format!(
+                "partitions moved since this replica last checked in (placement version {version}, it knows \
+                 {placement_version}): check in, then fetch again"
+            )));
+        }
+        Ok(entries)
     }
 
     async fn status(self, _: Context) -> ClusterStatus {
@@ -845,7 +898,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         Placement::new(ids, live, partitions)
     } else {
         info!(replication, partitions, "keys are partitioned");
-        Placement::new((1..=n).collect(), replication, partitions)
+        match store.placement_spec()? {
+            Some(spec) => Placement::from(spec),
+            None => Placement::new((1..=n).collect(), replication, partitions),
+        }
     };
     let mut core_config = CoreConfig::partitioned(placement, config.membership.min_replicas);
     core_config.prepare_timeout_ms = config.prepare_timeout.as_millis() as u64;

@@ -32,9 +32,11 @@
 //! Failpoints (see `treaty_common::crash_point!`), in protocol order:
 //! `participant::before_prepare_log`, `participant::before_prepare_sync`,
 //! `participant::after_prepare_sync` (durable, vote not sent),
-//! `participant::before_apply`, `participant::after_apply`.
+//! `participant::before_apply`, `participant::after_apply`; while copying
+//! partitions that move here, `participant::mid_partition_copy` (see `moves`).
 
 pub mod cli;
+mod moves;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -58,7 +60,8 @@ use treaty_common::protocol::{
 };
 use treaty_common::rpc::{
     self, ClusterId, ClusterStatus, CoordinatorServiceClient, Incarnation, NodeStatus, Outcome, ParticipantService,
-    ParticipantServiceClient, Peer, PrepareBatch, RangePart, SnapshotChunk, SyncRequest, TraceEvent, Vote,
+    ParticipantServiceClient, PartitionInstall, Peer, PrepareBatch, RangePart, SnapshotChunk, SyncRequest, TraceEvent,
+    Vote,
 };
 use treaty_common::tls::{Expect, Security};
 use treaty_common::trace::TraceRing;
@@ -130,6 +133,8 @@ const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 /// Status shows a key count at most this old (counting reads every key;
 /// health checks ask every second).
 const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
+/// In the refusals of an asker that knows another placement version.
+const MOVED: &str = "partitions moved";
 
 struct Node {
     id: u64,
@@ -177,6 +182,13 @@ struct Node {
     applying: tokio::sync::Mutex<()>,
     /// Recent transactions' steps here, for `treaty trace`.
     trace: TraceRing,
+    /// Partitions to copy here before they move to this replica, as the
+    /// coordinator last said (see `moves`). Lock order: after `standing`.
+    pending_install: Mutex<Option<PartitionInstall>>,
+    /// The step of the last partition copy finished here, durably.
+    installed_step: AtomicU64,
+    /// Wakes the task that copies moving partitions and drops moved ones.
+    moves_wake: Notify,
 }
 
 /// Crashes the process on a storage failure while holding protocol state:
@@ -228,7 +240,18 @@ impl Node {
         let (checked, placement) = {
             let mut standing = self.standing.lock().unwrap();
             let checked = standing
-                .check_prepare(req.cluster, req.to, req.coordinator, req.replica, req.epoch, |st| self.not_ready(st));
+                .check_prepare(req.cluster, req.to, req.coordinator, req.replica, req.epoch, |st| self.not_ready(st))
+                .and_then(|()| {
+                    let known = standing.placement().map_or(0, |p| p.spec().version);
+                    if known < req.placement_version {
+                        return Err(Error::NotReady(format!(
+                            "participant {} knows placement version {known}, the PREPARE was planned with {}: \
+                             {MOVED}; it checks in and votes on the retry",
+                            self.id, req.placement_version
+                        )));
+                    }
+                    Ok(())
+                });
             (checked, standing.placement())
         };
         self.checked(checked)?;
@@ -567,8 +590,17 @@ impl Node {
     /// from a cover of the participants (see [`Node::range_across`]).
     async fn range(&self, req: RangeRequest) -> Result<RangePage> {
         req.check()?;
-        if let Some(placement) = self.partitioned() {
-            return self.range_across(&placement, req).await;
+        let mut tries = 0;
+        while let Some(placement) = self.partitioned() {
+            match self.range_across(&placement, req.clone()).await {
+                // Planned across a move some part had not heard of (or
+                // this one): once everyone has checked in, plan again.
+                Err(e) if tries < 3 && e.to_string().contains(MOVED) => {
+                    tries += 1;
+                    tokio::time::sleep(self.tick + self.tick / 2).await;
+                }
+                r => return r,
+            }
         }
         self.wait_range_unheld(&req).await?;
         self.store.range(&req)
@@ -593,14 +625,16 @@ impl Node {
     /// that cannot answer (down, behind) is replaced by other replicas of
     /// its partitions.
     async fn range_across(&self, placement: &Placement, req: RangeRequest) -> Result<RangePage> {
-        let n = placement.spec().participants.len() as u64;
+        let holders = placement.holders();
+        let n = holders.len();
+        let me = holders.iter().position(|id| *id >= self.id).unwrap_or(0);
         let mut as_of = self.core.lock().unwrap().applied_index();
         let mut failed: Vec<u64> = Vec::new();
         let mut last_error = None;
-        for _ in 0..RANGE_ROUNDS + n as usize {
+        for _ in 0..RANGE_ROUNDS + n {
             // This replica first, then the others from the next id on.
             let candidates: Vec<u64> =
-                (0..n).map(|i| (self.id - 1 + i) % n + 1).filter(|id| !failed.contains(id)).collect();
+                (0..n).map(|i| holders[(me + i) % n]).filter(|id| !failed.contains(id)).collect();
             let cover = ranges::cover(placement, &candidates).map_err(|partition| {
                 Error::Unavailable(format!(
                     "partition {partition} (participants {}) has no replica that can serve reads ({}); retry shortly",
@@ -608,7 +642,8 @@ impl Node {
                     last_error.as_ref().map_or("none answered".to_string(), Error::to_string)
                 ))
             })?;
-            let parts = futures::future::join_all(cover.iter().map(|&id| self.part(id, &req, &cover, as_of))).await;
+            let parts =
+                futures::future::join_all(cover.iter().map(|&id| self.part(placement, id, &req, &cover, as_of))).await;
             let mut pages = Vec::with_capacity(parts.len());
             let mut newest = as_of;
             for (&id, part) in cover.iter().zip(parts) {
@@ -638,16 +673,24 @@ impl Node {
     }
 
     /// Participant `id`'s part of a range page: this replica's own, or asked over the wire.
-    async fn part(&self, id: u64, req: &RangeRequest, cover: &[u64], as_of: u64) -> Result<RangePart> {
+    async fn part(
+        &self,
+        placement: &Placement,
+        id: u64,
+        req: &RangeRequest,
+        cover: &[u64],
+        as_of: u64,
+    ) -> Result<RangePart> {
+        let version = placement.spec().version;
         if id == self.id {
-            return self.range_part(req.clone(), cover.to_vec(), as_of).await;
+            return self.range_part(req.clone(), cover.to_vec(), as_of, version).await;
         }
         let peer =
             self.peer(id).ok_or_else(|| Error::Unavailable(format!("participant {id}'s address is not known yet")))?;
         let timeout = self.lock_wait + Duration::from_secs(2);
         peer.call(|c: ParticipantServiceClient| {
             let (req, cover) = (req.clone(), cover.to_vec());
-            async move { c.range_part(rpc::deadline(timeout), req, cover, as_of).await }
+            async move { c.range_part(rpc::deadline(timeout), req, cover, as_of, version).await }
         })
         .await
     }
@@ -655,11 +698,26 @@ impl Node {
     /// This replica's part of a range page read through `cover`: the keys
     /// it serves, as of `as_of` if no later commit changed them (see
     /// [`RangePart`]).
-    async fn range_part(&self, req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart> {
+    async fn range_part(
+        &self,
+        req: RangeRequest,
+        cover: Vec<u64>,
+        as_of: u64,
+        placement_version: u64,
+    ) -> Result<RangePart> {
         req.check()?;
         let placement = self.partitioned().ok_or_else(|| {
             Error::NotReady(format!("participant {} has not learned where keys live yet; retry shortly", self.id))
         })?;
+        if placement.spec().version != placement_version {
+            self.check_in.notify_one();
+            return Err(Error::NotReady(format!(
+                "participant {} knows placement version {}, the read was planned with {placement_version}: \
+                 {MOVED}; retry",
+                self.id,
+                placement.spec().version
+            )));
+        }
         if !self.wait_applied(as_of, Instant::now() + self.lock_wait).await {
             return Err(Error::NotReady(format!(
                 "participant {} has not applied index {as_of} after {:?} (it is behind); another replica will be asked",
@@ -786,9 +844,14 @@ impl Node {
                 let Some(last) = batch.last().map(|e| e.index) else {
                     break;
                 };
+                let placement = self.partitioned();
+                let batch = match &placement {
+                    Some(p) => moves::only_held(p, self.id, batch),
+                    None => batch,
+                };
                 // Before readers can see the batch (see `range_part`).
                 {
-                    let partitioned = self.partitioned().is_some();
+                    let partitioned = placement.is_some();
                     let mut recent = self.recent.lock().unwrap();
                     if partitioned {
                         for e in &batch {
@@ -888,6 +951,7 @@ impl Node {
                 applied_index: applied,
                 in_doubt,
                 installing: self.installing.load(Ordering::Acquire),
+                installed: self.installed_step.load(Ordering::Acquire),
             };
             let reply = self
                 .coordinator
@@ -972,7 +1036,11 @@ impl Node {
                 if let Some(i) = persist.seen_index {
                     self.store.set_seen_index(i).unwrap_or_else(|e| fatal_storage("recording the seen index", e));
                 }
+                // Under the standing lock: the moves task reads the
+                // placement and this together.
+                *self.pending_install.lock().unwrap() = reply.install.clone();
             }
+            self.moves_wake.notify_one();
             if self.installing.load(Ordering::Acquire) {
                 // This answer's outcomes concern the core the install replaces:
                 // the next check-in asks again.
@@ -1040,8 +1108,12 @@ impl Node {
     /// Fetches and applies missed log entries, batch after batch, for up
     /// to about two seconds (the sync loop calls again if still behind).
     async fn fetch_missing(&self, applied: u64) -> Result<()> {
-        let cluster = self.standing.lock().unwrap().cluster().expect("joined before fetching");
-        let partitioned = self.partitioned();
+        let (cluster, placement) = {
+            let standing = self.standing.lock().unwrap();
+            (standing.cluster().expect("joined before fetching"), standing.placement())
+        };
+        let version = placement.as_ref().map_or(0, |p| p.spec().version);
+        let partitioned = placement.filter(|p| !p.is_full());
         let started = Instant::now();
         let mut from = applied + 1;
         let mut fetched = 0u64;
@@ -1049,9 +1121,13 @@ impl Node {
             let entries = self
                 .coordinator
                 .call(|c: CoordinatorServiceClient| async move {
-                    c.fetch_log(rpc::deadline(Duration::from_secs(5)), cluster, from, 1024).await
+                    c.fetch_log(rpc::deadline(Duration::from_secs(5)), cluster, from, 1024, version).await
                 })
-                .await?;
+                .await;
+            if let Err(Error::NotReady(_)) = &entries {
+                self.check_in.notify_one();
+            }
+            let entries = entries?;
             let Some(last) = entries.last().map(|e| e.index) else { break };
             let full = entries.len() == 1024;
             fetched += entries.len() as u64;
@@ -1105,7 +1181,13 @@ impl Node {
 impl Node {
     /// Serves one snapshot chunk to a replica re-seeding itself (see
     /// [`SnapshotChunk`]): only while this replica is caught up.
-    async fn snapshot(&self, cluster: ClusterId, partitions: Option<Vec<u32>>, start: Key) -> Result<SnapshotChunk> {
+    async fn snapshot(
+        &self,
+        cluster: ClusterId,
+        partitions: Option<Vec<u32>>,
+        start: Key,
+        placement_version: u64,
+    ) -> Result<SnapshotChunk> {
         if !start.is_empty() {
             treaty_common::types::check_key(&start)?;
         }
@@ -1129,6 +1211,26 @@ impl Node {
             (Some(_), Some(p)) => Some(p),
             (Some(_), None) => return Err(Error::NotReady("this replica does not know the placement yet".into())),
         };
+        if let (Some(p), Some(parts)) = (&placement, &group.partitions) {
+            // A replica that gave a partition up may have dropped its keys.
+            if p.spec().version != placement_version {
+                return Err(Error::NotReady(format!(
+                    "participant {} knows placement version {}, the copy was planned with {placement_version}: \
+                     {MOVED}; plan again after a check-in",
+                    self.id,
+                    p.spec().version
+                )));
+            }
+            if let Some(part) = parts.iter().find(|part| **part >= p.partitions()) {
+                return Err(Error::Invalid(format!(
+                    "there is no partition {part}: this cluster has {}",
+                    p.partitions()
+                )));
+            }
+            if let Some(part) = parts.iter().find(|part| !p.replicas(**part).contains(&self.id)) {
+                return Err(Error::NotReady(format!("participant {} does not hold partition {part}", self.id)));
+            }
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let req = RangeRequest { start, end: None, limit: SNAPSHOT_CHUNK_KEYS, keys_only: false, stale: true };
@@ -1151,6 +1253,7 @@ impl Node {
         group: &SnapshotGroup,
         start: &[u8],
         turn: usize,
+        placement_version: u64,
     ) -> Result<SnapshotChunk> {
         let mut failures = Vec::new();
         for i in 0..group.sources.len() {
@@ -1162,7 +1265,16 @@ impl Node {
             let answer = peer
                 .call(|c: ParticipantServiceClient| {
                     let (partitions, start) = (group.partitions.clone(), start.to_vec());
-                    async move { c.snapshot(rpc::deadline(Duration::from_secs(10)), cluster, partitions, start).await }
+                    async move {
+                        c.snapshot(
+                            rpc::deadline(Duration::from_secs(10)),
+                            cluster,
+                            partitions,
+                            start,
+                            placement_version,
+                        )
+                        .await
+                    }
                 })
                 .await;
             match answer {
@@ -1205,7 +1317,7 @@ impl Node {
         let mut turn = self.id as usize;
         while at.group < plan.len() {
             let group = &plan[at.group];
-            let chunk = self.snapshot_chunk(cluster, group, &at.next, turn).await?;
+            let chunk = self.snapshot_chunk(cluster, group, &at.next, turn, placement.spec().version).await?;
             turn += 1;
             let mut next = at.clone();
             next.low = next.low.min(chunk.index);
@@ -1229,6 +1341,13 @@ impl Node {
             self.install_keys.fetch_add(n, Ordering::Relaxed);
             crash_point!("participant::mid_install");
             at = next;
+        }
+        if plan.is_empty() {
+            // Nothing to copy (no partitions here yet, in a partitioned
+            // cluster): an empty replica is every index's state.
+            let last = self.standing.lock().unwrap().cluster_last();
+            at.low = at.low.min(last);
+            at.high = at.high.max(last);
         }
         store.finish_install(&at)?;
         let low = store.applied_index()?;
@@ -1303,9 +1422,16 @@ impl ParticipantService for Server {
         self.node.range(req).await
     }
 
-    async fn range_part(self, _: Context, req: RangeRequest, cover: Vec<u64>, as_of: u64) -> Result<RangePart> {
+    async fn range_part(
+        self,
+        _: Context,
+        req: RangeRequest,
+        cover: Vec<u64>,
+        as_of: u64,
+        placement_version: u64,
+    ) -> Result<RangePart> {
         self.caller.require_participant("a part of a range read across partitions")?;
-        self.node.range_part(req, cover, as_of).await
+        self.node.range_part(req, cover, as_of, placement_version).await
     }
 
     async fn snapshot(
@@ -1314,9 +1440,10 @@ impl ParticipantService for Server {
         cluster: ClusterId,
         partitions: Option<Vec<u32>>,
         start: Key,
+        placement_version: u64,
     ) -> Result<SnapshotChunk> {
         self.caller.require_participant("a snapshot chunk")?;
-        self.node.snapshot(cluster, partitions, start).await
+        self.node.snapshot(cluster, partitions, start, placement_version).await
     }
 
     async fn submit(self, _: Context, txn: Txn) -> Result<Committed> {
@@ -1485,8 +1612,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         consistent_from: AtomicU64::new(consistent_from),
         applying: tokio::sync::Mutex::new(()),
         trace: TraceRing::new(format!("participant {}", config.id)),
+        pending_install: Mutex::new(None),
+        installed_step: AtomicU64::new(0),
+        moves_wake: Notify::new(),
     });
     tokio::spawn(node.clone().applier());
+    tokio::spawn(node.clone().moves());
     tokio::spawn(node.clone().sync_loop(config.tick));
     let serve_config = ServeConfig {
         max_connections: config.max_connections,

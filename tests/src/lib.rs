@@ -620,3 +620,77 @@ pub fn chromium() -> &'static str {
     DONE.get_or_init(|| debian_program("chromium", "chromium", "the status page's browser test"));
     "chromium"
 }
+
+/// Accounts `acct/0..n` holding 100 each, and `writers` tasks moving 1 from
+/// one to another in transactions (read both, then write both if their
+/// versions did not change) until `stop` or `seconds` pass; each task
+/// returns how many transfers it committed. The total stays `100 * n`.
+pub async fn transfers(
+    client: std::sync::Arc<Client>,
+    n: u64,
+    writers: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seconds: u64,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    use treaty_client::{Condition, Txn, Write};
+    let accounts: Vec<Vec<u8>> = (0..n).map(|i| format!("acct/{i}").into_bytes()).collect();
+    for a in &accounts {
+        client.put(a, b"100").await.unwrap();
+    }
+    (0..writers)
+        .map(|w| {
+            let (client, accounts, stop) = (client.clone(), accounts.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                let deadline = Instant::now() + Duration::from_secs(seconds);
+                for i in 0u64.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    let from = &accounts[((i * 3 + w) % n) as usize];
+                    let to = &accounts[((i * 5 + w + 1) % n) as usize];
+                    if from == to {
+                        continue;
+                    }
+                    let (Ok(Some(f)), Ok(Some(t))) = (client.get(from).await, client.get(to).await) else { continue };
+                    let fv: i64 = String::from_utf8_lossy(&f.value).parse().unwrap();
+                    let tv: i64 = String::from_utf8_lossy(&t.value).parse().unwrap();
+                    let txn = Txn::new(
+                        vec![
+                            Condition::VersionEquals(from.clone(), f.version),
+                            Condition::VersionEquals(to.clone(), t.version),
+                        ],
+                        vec![
+                            Write::Put(from.clone(), (fv - 1).to_string().into_bytes()),
+                            Write::Put(to.clone(), (tv + 1).to_string().into_bytes()),
+                        ],
+                    );
+                    if client.commit(txn).await.is_ok() {
+                        done += 1;
+                    }
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+/// One range page of every `acct/` key through `client`: `Some(total)` of
+/// the `n` accounts, `None` when the read gave up because the keys kept
+/// changing (a clear retry error). Any other error fails the test.
+pub async fn account_total(client: &Client, n: usize, stale: bool) -> Option<i64> {
+    let req = treaty_client::RangeRequest { stale, ..treaty_client::RangeRequest::prefix(b"acct/") };
+    match client.range_page(&req).await {
+        Ok(page) => {
+            assert_eq!(page.entries.len(), n, "one page holds every account");
+            Some(
+                page.entries
+                    .iter()
+                    .map(|e| String::from_utf8_lossy(e.value.as_ref().unwrap()).parse::<i64>().unwrap())
+                    .sum(),
+            )
+        }
+        Err(treaty_client::Error::Conflict(m)) if m.contains("kept changing") => None,
+        Err(e) => panic!("range read of the accounts: {e}"),
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use treaty_client::{Condition, Error, RangeRequest, ReadMode, Txn, Write};
+use treaty_client::{Condition, Error, RangeRequest, ReadMode};
 use treaty_common::protocol::{Placement, DEFAULT_PARTITIONS};
 use treaty_tests::Cluster;
 
@@ -114,66 +114,20 @@ async fn range_reads_across_partitions_never_show_half_a_transaction() {
     let accounts: Vec<Vec<u8>> = (0..8).map(|i| format!("acct/{i}").into_bytes()).collect();
     let partitions: std::collections::BTreeSet<u32> = accounts.iter().map(|a| placement().partition(a)).collect();
     assert!(partitions.len() >= 4, "accounts spread over partitions: {partitions:?}");
-    for a in &accounts {
-        client.put(a, b"100").await.unwrap();
-    }
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4u64 {
-        let (client, accounts, stop) = (client.clone(), accounts.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut done = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(6);
-            for i in 0u64.. {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    break;
-                }
-                let from = &accounts[((i * 3 + w) % 8) as usize];
-                let to = &accounts[((i * 5 + w + 1) % 8) as usize];
-                if from == to {
-                    continue;
-                }
-                let (Ok(Some(f)), Ok(Some(t))) = (client.get(from).await, client.get(to).await) else { continue };
-                let fv: i64 = String::from_utf8_lossy(&f.value).parse().unwrap();
-                let tv: i64 = String::from_utf8_lossy(&t.value).parse().unwrap();
-                let txn = Txn::new(
-                    vec![
-                        Condition::VersionEquals(from.clone(), f.version),
-                        Condition::VersionEquals(to.clone(), t.version),
-                    ],
-                    vec![
-                        Write::Put(from.clone(), (fv - 1).to_string().into_bytes()),
-                        Write::Put(to.clone(), (tv + 1).to_string().into_bytes()),
-                    ],
-                );
-                if client.commit(txn).await.is_ok() {
-                    done += 1;
-                }
-            }
-            done
-        }));
-    }
+    let writers = treaty_tests::transfers(client.clone(), 8, 4, stop.clone(), 6).await;
     let mut scans = 0;
     let mut retries = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         for i in 1..=N {
             for stale in [false, true] {
-                let req = RangeRequest { stale, ..RangeRequest::prefix(b"acct/") };
-                match c.client_for(i).range_page(&req).await {
-                    Ok(page) => {
-                        assert_eq!(page.entries.len(), 8, "one page holds every account");
-                        let total: i64 = page
-                            .entries
-                            .iter()
-                            .map(|e| String::from_utf8_lossy(e.value.as_ref().unwrap()).parse::<i64>().unwrap())
-                            .sum();
+                match treaty_tests::account_total(&c.client_for(i), 8, stale).await {
+                    Some(total) => {
                         assert_eq!(total, 800, "a range read through participant {i} saw a transfer half done");
                         scans += 1;
                     }
-                    // Keys that keep changing may exhaust the tries: a clear retry error.
-                    Err(Error::Conflict(m)) if m.contains("kept changing") => retries += 1,
-                    Err(e) => panic!("range through participant {i}: {e}"),
+                    None => retries += 1,
                 }
             }
         }

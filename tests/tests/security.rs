@@ -26,7 +26,7 @@ fn prepare_one(
     attempt: u64,
 ) -> PrepareBatch {
     let items = vec![PrepareItem { attempt, txn: std::sync::Arc::new(txn) }];
-    PrepareBatch { cluster, coordinator, replica, to, epoch: 1, min_applied: 0, items }
+    PrepareBatch { cluster, coordinator, replica, to, epoch: 1, min_applied: 0, placement_version: 0, items }
 }
 
 fn txn(key: &str, value: &str) -> Txn {
@@ -127,7 +127,7 @@ async fn a_client_or_participant_certificate_cannot_act_as_another_node() {
 
     // The decision log (history, deleted values included) is for participants.
     let coord: CoordinatorServiceClient = raw_peer(&c.addr(0), &client, Expect::Coordinator).await.unwrap();
-    let e = coord.fetch_log(ctx(), req.cluster, 1, 100).await.unwrap().unwrap_err();
+    let e = coord.fetch_log(ctx(), req.cluster, 1, 100, 0).await.unwrap().unwrap_err();
     assert!(matches!(&e, Error::Denied(m) if m.contains("only for participants")), "{e}");
     let sync = |node_id| SyncRequest {
         node_id,
@@ -139,6 +139,7 @@ async fn a_client_or_participant_certificate_cannot_act_as_another_node() {
         applied_index: 0,
         in_doubt: vec![],
         installing: false,
+        installed: 0,
     };
     assert!(matches!(coord.sync(ctx(), sync(2)).await.unwrap(), Err(Error::Denied(_))));
 
@@ -150,6 +151,9 @@ async fn a_client_or_participant_certificate_cannot_act_as_another_node() {
     assert!(matches!(&e, Error::Denied(m) if m.contains("authenticated as participant 2")), "{e}");
     let p4_as_p2: ParticipantServiceClient = raw_peer(&c.addr(4), &p2, Expect::AnyNode).await.unwrap();
     assert!(matches!(p4_as_p2.prepare(ctx(), req.clone()).await.unwrap(), Err(Error::Denied(_))));
+    // A peer may ask for snapshot chunks, but not of partitions that do not exist.
+    let e = p4_as_p2.snapshot(ctx(), req.cluster, Some(vec![u32::MAX]), vec![], 0).await.unwrap().unwrap_err();
+    assert!(matches!(&e, Error::Invalid(m) if m.contains("there is no partition")), "{e}");
     // A node certificate is pinned to its identity: participant 2's
     // certificate at participant 4's address is refused by the coordinator.
     let coord_as_p2 = as_identity(&c, Identity::Participant(2));

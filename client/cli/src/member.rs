@@ -120,16 +120,22 @@ fn describe(state: RosterState, in_view: bool) -> &'static str {
         RosterState::Joining => "joining: copying a snapshot and catching up; it enters the view by itself",
         RosterState::Active if in_view => "active and in the view",
         RosterState::Active => "active, not in the view yet (catching up)",
-        RosterState::Leaving => "leaving: no new read lease; it leaves the view once its lease runs out",
+        RosterState::Leaving => {
+            "leaving: no new read lease; its partitions (if keys are partitioned) move away, then it leaves the view \
+             once its lease runs out"
+        }
         RosterState::Removed => "removed for good",
     }
 }
 
-/// Whether the change is complete: added and in the view, or removed.
+/// Whether the change is complete: added and in the view (with its share
+/// of the partitions, in a partitioned cluster), or removed.
 fn complete(change: &MemberChange, s: &ClusterStatus) -> bool {
     match change {
         MemberChange::Add { id, .. } => {
-            crate::status::roster_state(s, *id) == RosterState::Active && s.members.contains(id)
+            crate::status::roster_state(s, *id) == RosterState::Active
+                && s.members.contains(id)
+                && s.rebalance.is_none()
         }
         MemberChange::Remove { id } => crate::status::roster_state(s, *id) == RosterState::Removed,
     }

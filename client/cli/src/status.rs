@@ -22,7 +22,7 @@ pub fn placement(spec: &PlacementSpec, key: &[u8], json_mode: bool) -> String {
     if json_mode {
         return json!({
             "key": escape(key), "partition": partition, "partitions": p.partitions(), "replicas": replicas,
-            "replication": p.replication(), "participants": spec.participants.len(),
+            "replication": p.replication(), "participants": p.holders().len(),
         })
         .to_string();
     }
@@ -35,7 +35,7 @@ pub fn placement(spec: &PlacementSpec, key: &[u8], json_mode: bool) -> String {
             escape(key),
             p.partitions(),
             p.replication(),
-            spec.participants.len()
+            p.holders().len()
         )
     }
 }
@@ -45,7 +45,8 @@ fn replication(spec: &PlacementSpec) -> String {
     if spec.is_full() {
         return String::new();
     }
-    format!("  replication {} of {} ({} partitions)", spec.replication, spec.participants.len(), spec.partitions)
+    let holders = Placement::from(spec.clone()).holders().len();
+    format!("  replication {} of {holders} ({} partitions)", spec.replication, spec.partitions)
 }
 
 /// Writes the status to `out`; returns the exit status.
@@ -112,6 +113,9 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
     if let Some(why) = &c.fenced {
         writeln!(out, "COORDINATOR: {why}")?;
     }
+    if let Some(moving) = &s.rebalance {
+        writeln!(out, "REBALANCING: {moving}")?;
+    }
     let partitioned = !s.placement.is_full();
     let row = |out: &mut dyn Write, cols: [&str; 7], note: &str| {
         writeln!(
@@ -129,6 +133,9 @@ fn cluster_table(s: &ClusterStatus, out: &mut impl Write) -> std::io::Result<()>
         let in_view = s.members.contains(id);
         let change = match roster_state(s, *id) {
             RosterState::Joining => Some("JOINING (added: catching up to enter the view)"),
+            RosterState::Leaving if partitioned => {
+                Some("LEAVING (removed: its partitions move away, then it is excluded once its read lease runs out)")
+            }
             RosterState::Leaving => Some("LEAVING (removed: excluded once its read lease runs out)"),
             _ => None,
         };
@@ -256,6 +263,8 @@ fn cluster_json(s: &ClusterStatus) -> Value {
         "min_replicas": s.min_replicas,
         "replication": s.placement.replication,
         "partitions": s.placement.partitions,
+        "placement_version": s.placement.version,
+        "rebalance": s.rebalance,
         "coordinator": coordinator,
         "participants": participants,
         "removed": removed,

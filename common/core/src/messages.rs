@@ -55,6 +55,9 @@ pub struct PrepareBatch {
     /// The participant must have applied up to here before it votes (its
     /// join index if it was readmitted).
     pub min_applied: u64,
+    /// The placement version the batch was planned with: a participant
+    /// that knows an older one checks in first (see `PlacementSpec::version`).
+    pub placement_version: u64,
     pub items: Vec<PrepareItem>,
 }
 
@@ -138,6 +141,25 @@ pub struct SyncRequest {
     /// Installing a snapshot: its data is no state of the cluster yet, so
     /// it cannot be admitted to the view.
     pub installing: bool,
+    /// The step of the last [`PartitionInstall`] this replica finished
+    /// (durably), 0 for none since it started.
+    pub installed: u64,
+}
+
+/// Partitions a member is to copy before they move to it (see
+/// docs/membership.md, "Moving partitions"): their writes are held back at
+/// the coordinator since `as_of`, so any replica of theirs that has applied
+/// `as_of` sends the same keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInstall {
+    /// Names this step of the rebalance (unique per coordinator run).
+    pub step: u64,
+    /// The placement version the move makes.
+    pub version: u64,
+    /// Apply up to here before copying; copy only from sources that have.
+    pub as_of: u64,
+    /// Each partition with the replicas to copy it from.
+    pub partitions: Vec<(u32, Vec<u64>)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -162,6 +184,8 @@ pub struct SyncReply {
     /// participant forwards reads of keys it does not hold to their
     /// replicas, and copies snapshots from them.
     pub participants: std::collections::BTreeMap<u64, String>,
+    /// Partitions to copy here before they move to this participant.
+    pub install: Option<PartitionInstall>,
 }
 
 /// An operator's change of the cluster's participants (`treaty member`).
@@ -297,6 +321,9 @@ pub struct ClusterStatus {
     /// Every participant the cluster has had, removed ones included, and
     /// its place (joining and leaving are changes in progress).
     pub roster: Vec<(u64, crate::protocol::RosterState)>,
+    /// Partitions moving between participants, in words (`None`: the
+    /// placement is where it should be).
+    pub rebalance: Option<String>,
 }
 
 /// One step of one transaction on one node, as `treaty trace` shows it.

@@ -500,6 +500,53 @@ impl ReplicaStore {
         keep: impl Fn(&[u8]) -> bool,
         progress: &Install,
     ) -> Result<()> {
+        self.replace_range(start, end, entries, keep)?;
+        self.meta.insert("install", encode(progress)).db()?;
+        Ok(())
+    }
+
+    /// Deletes the keys `drop` accepts from `start` on, looking at `max`
+    /// keys at most (one sled batch). Returns how many it deleted and the
+    /// key to go on from (`None`: it reached the end). Keys of partitions
+    /// that moved away, which this replica no longer serves.
+    pub fn delete_where(
+        &self,
+        start: &[u8],
+        max: usize,
+        drop: impl Fn(&[u8]) -> bool,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let mut batch = sled::Batch::default();
+        let mut deleted = 0;
+        let mut next = None;
+        for (seen, item) in self.data.range(start..).keys().enumerate() {
+            let key = item.db()?;
+            if seen >= max {
+                next = Some(key.to_vec());
+                break;
+            }
+            if key.as_ref() != APPLIED_KEY && drop(&key) {
+                batch.remove(key);
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.data.apply_batch(batch).db()?;
+        }
+        Ok((deleted, next))
+    }
+
+    /// Makes the keys `keep` accepts in `[start, end)` exactly `entries`,
+    /// in one sled batch. Also one chunk of partitions moving to this
+    /// replica while it serves others (see `PartitionInstall`): the applied
+    /// index is not touched, and the caller flushes after the last chunk.
+    pub fn replace_range(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        entries: &[RangeEntry],
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<()> {
         let incoming: HashSet<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
         let mut batch = sled::Batch::default();
         let local = match end {
@@ -516,12 +563,8 @@ impl ReplicaStore {
             let value = e.value.as_deref().ok_or_else(|| Error::Storage("a snapshot chunk without values".into()))?;
             batch.insert(e.key.as_slice(), encode_versioned(e.version, value));
         }
-        {
-            let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.data.apply_batch(batch).db()?;
-        }
-        self.meta.insert("install", encode(progress)).db()?;
-        Ok(())
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.data.apply_batch(batch).db()
     }
 
     /// Ends an install: the data is now the replica's state as of
@@ -937,6 +980,19 @@ impl CoordinatorStore {
             ))),
             _ => Ok((replication, partitions)),
         }
+    }
+
+    /// The placement as the last move of partitions left it (`None`: none
+    /// moved since the cluster was created).
+    pub fn placement_spec(&self) -> Result<Option<treaty_core::protocol::PlacementSpec>> {
+        self.meta.get("placement").db()?.map(|v| decode(&v, "placement")).transpose()
+    }
+
+    /// Stores the placement after a move of partitions, durably (synced
+    /// before it returns).
+    pub fn set_placement(&self, spec: &treaty_core::protocol::PlacementSpec) -> Result<()> {
+        self.meta.insert("placement", encode(spec)).db()?;
+        Durability::new(self.db.clone(), &self.files)?.sync()
     }
 
     pub fn view(&self) -> Result<Option<treaty_core::protocol::View>> {

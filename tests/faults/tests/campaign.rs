@@ -51,7 +51,20 @@ async fn seeded_fault_campaigns_with_membership_changes_stay_linearizable() {
 /// that may hit the new participant, the coordinator or the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_mixed_with_other_faults_stay_linearizable() {
+    mixed_campaign_with_membership_changes(None).await;
+}
+
+/// The same with each key on 3 of the participants: every membership
+/// change moves partitions (to the new participant, away from the removed
+/// one) while kills, pauses and partitions go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_moves_mixed_with_other_faults_stay_linearizable() {
+    mixed_campaign_with_membership_changes(Some(3)).await;
+}
+
+async fn mixed_campaign_with_membership_changes(replication: Option<usize>) {
     let mut cfg = CampaignConfig::new(1);
+    cfg.replication = replication;
     cfg.kinds = FaultKind::ALL.to_vec();
     cfg.kinds.push(FaultKind::ReplaceParticipant);
     cfg.duration = std::time::Duration::from_secs(12);

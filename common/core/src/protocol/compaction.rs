@@ -96,20 +96,57 @@ pub fn snapshot_plan(placement: &Placement, me: u64, participants: &[u64]) -> Ve
         let sources: Vec<u64> = participants.iter().copied().filter(|&p| p != me).collect();
         return if sources.is_empty() { vec![] } else { vec![SnapshotGroup { partitions: None, sources }] };
     }
-    let mut by_sources: BTreeMap<Vec<u64>, Vec<u32>> = BTreeMap::new();
-    for p in placement.partitions_of(me) {
-        let sources: Vec<u64> = placement.replicas(p).iter().copied().filter(|&r| r != me).collect();
-        if !sources.is_empty() {
-            by_sources.entry(sources).or_default().push(p);
-        }
-    }
-    by_sources
+    let parts: Vec<(u32, Vec<u64>)> = placement
+        .partitions_of(me)
         .into_iter()
-        .map(|(sources, mut partitions)| {
-            partitions.sort_unstable();
-            SnapshotGroup { partitions: Some(partitions), sources }
-        })
-        .collect()
+        .map(|p| (p, placement.replicas(p).iter().copied().filter(|&r| r != me).collect()))
+        .collect();
+    copy_groups(&parts, false)
+}
+
+/// Groups partitions to copy, each given with the replicas it can be copied
+/// from (ascending), so that each group is read from one source in one pass
+/// over that source's keys. `fewest: false`: one group per set of sources,
+/// which any of them can send. `fewest: true`: as few groups as a greedy
+/// cover gives (the source holding most of the partitions left, again and
+/// again), each from the sources holding all of its partitions; fewer passes
+/// over the sources' keys, but a group may have a single source. Partitions
+/// without a source are left out. Deterministic.
+pub fn copy_groups(parts: &[(u32, Vec<u64>)], fewest: bool) -> Vec<SnapshotGroup> {
+    let mut left: BTreeMap<u32, &Vec<u64>> =
+        parts.iter().filter(|(_, s)| !s.is_empty()).map(|(p, s)| (*p, s)).collect();
+    let mut groups = Vec::new();
+    while let Some((_, first)) = left.first_key_value() {
+        let around: Vec<u64> = if fewest {
+            let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+            for id in left.values().flat_map(|s| s.iter()) {
+                *count.entry(*id).or_default() += 1;
+            }
+            let best = count.iter().max_by_key(|(id, c)| (**c, std::cmp::Reverse(**id))).map(|(id, _)| *id);
+            best.into_iter().collect()
+        } else {
+            first.to_vec()
+        };
+        let partitions: Vec<u32> = left
+            .iter()
+            .filter(|(_, s)| if fewest { around.iter().all(|id| s.contains(id)) } else { ***s == around })
+            .map(|(p, _)| *p)
+            .collect();
+        let mut sources = left[&partitions[0]].clone();
+        for p in &partitions {
+            sources.retain(|id| left[p].contains(id));
+        }
+        for p in &partitions {
+            left.remove(p);
+        }
+        groups.push(SnapshotGroup { partitions: Some(partitions), sources });
+    }
+    if !fewest {
+        // In the order of their sources (an install resumed after a crash
+        // counts groups in this order).
+        groups.sort_by(|a, b| a.sources.cmp(&b.sources));
+    }
+    groups
 }
 
 #[cfg(test)]
@@ -170,5 +207,30 @@ mod tests {
         }
         // Replication 1: nobody else holds the keys.
         assert!(snapshot_plan(&Placement::new(all.clone(), 1, 16), 1, &all).is_empty());
+    }
+
+    #[test]
+    fn the_fewest_copy_groups_cover_each_partition_once_from_sources_holding_it() {
+        // The first step of adding a sixth participant to five at replication 3.
+        let placement = Placement::new((1..=5).collect(), 3, 256);
+        let targets: BTreeSet<u64> = (1..=6).collect();
+        let moves = placement.plan_moves(&targets, |_| true, |_| true, 32);
+        let parts: Vec<(u32, Vec<u64>)> = moves.keys().map(|p| (*p, placement.replicas(*p).to_vec())).collect();
+        let by_set = copy_groups(&parts, false);
+        let fewest = copy_groups(&parts, true);
+        for groups in [&by_set, &fewest] {
+            let mut covered = BTreeSet::new();
+            for g in groups.iter() {
+                assert!(!g.sources.is_empty());
+                for p in g.partitions.as_ref().unwrap() {
+                    assert!(covered.insert(*p), "partition {p} twice");
+                    assert!(g.sources.iter().all(|s| placement.replicas(*p).contains(s)), "{g:?}");
+                }
+            }
+            assert_eq!(covered, moves.keys().copied().collect::<BTreeSet<_>>());
+        }
+        assert!(fewest.len() <= 3, "{} groups: {fewest:?}", fewest.len());
+        assert!(by_set.len() > fewest.len(), "{} groups by set, {} fewest", by_set.len(), fewest.len());
+        assert!(copy_groups(&[(1, vec![])], true).is_empty(), "no source, no group");
     }
 }

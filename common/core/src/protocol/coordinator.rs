@@ -40,6 +40,16 @@
 //!   new PREPAREs; it is applied once no transaction is preparing or
 //!   deciding, made durable ([`Action::PersistView`]), and only then do
 //!   parked transactions prepare under the new view.
+//! * **Moves hold back only their partitions.** A rebalance step (new
+//!   replica sets for a few partitions, [`Placement::plan_moves`]) parks new
+//!   transactions touching those partitions, waits for the ones in flight,
+//!   and notes the durable index as `as_of`. The members gaining a copy
+//!   install it from an old replica that has applied `as_of` and say so at
+//!   a check-in; then the new placement is made durable
+//!   ([`Action::PersistPlacement`]) and the parked transactions go on under
+//!   it. For a lease time after the switch, the old replicas of the moved
+//!   partitions still prepare their writes: one of them may serve a read
+//!   under a lease granted before it learned of the move.
 //! * **Fencing.** After a start nothing is decided until `verify_quorum`
 //!   participants checked in without showing that this coordinator's data
 //!   is behind the cluster's; if one does, the coordinator is fenced for
@@ -53,7 +63,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::messages::MemberChange;
-use crate::messages::{Incarnation, LogEntry, Outcome, PrepareItem, Vote};
+use crate::messages::{Incarnation, LogEntry, Outcome, PartitionInstall, PrepareItem, Vote};
 use crate::protocol::membership::{Roster, RosterState};
 use crate::protocol::{Grant, LockTable, Membership, Placement, View, ViewChange};
 use crate::types::{Committed, Txn, TxnId};
@@ -79,6 +89,12 @@ pub struct CoreConfig {
     /// Fewest replicas of a partition in the view that still take writes
     /// (`min(--min-replicas, replication)`).
     pub min_partition_replicas: usize,
+    /// Most partition copies one rebalance step moves (their writes wait
+    /// while they are copied).
+    pub move_batch: usize,
+    /// A rebalance step not done in this long is given up (its partitions
+    /// take writes again) and planned afresh a little later.
+    pub move_timeout_ms: u64,
 }
 
 impl CoreConfig {
@@ -104,6 +120,8 @@ impl CoreConfig {
             verify_quorum: (n + 1).saturating_sub(min_partition_replicas).max(1),
             placement,
             min_partition_replicas,
+            move_batch: 32,
+            move_timeout_ms: 20_000,
         }
     }
 }
@@ -122,7 +140,15 @@ pub enum Action {
     /// Send one PREPARE batch to participant `to`, then report the answer
     /// (one vote per item, in order) or the failure through
     /// [`CoordinatorCore::prepared`] with the same `batch`.
-    Prepare { to: u64, batch: u64, epoch: u64, replica: u64, min_applied: u64, items: Vec<PrepareItem> },
+    Prepare {
+        to: u64,
+        batch: u64,
+        epoch: u64,
+        replica: u64,
+        min_applied: u64,
+        placement_version: u64,
+        items: Vec<PrepareItem>,
+    },
     /// Write these decisions (commits with their writes, and failed
     /// conditions with their reason), make them durable, then call
     /// [`CoordinatorCore::persisted`].
@@ -136,6 +162,9 @@ pub enum Action {
     /// Make this view and roster durable (in one write), then call
     /// [`CoordinatorCore::view_persisted`].
     PersistView(View, Roster),
+    /// Make this placement durable, then call
+    /// [`CoordinatorCore::placement_persisted`].
+    PersistPlacement(crate::protocol::PlacementSpec),
 }
 
 #[derive(Debug)]
@@ -172,6 +201,26 @@ struct Entry {
 struct Fence {
     fenced: Option<String>,
     verified: BTreeSet<u64>,
+}
+
+/// One step of a rebalance (see the module docs).
+#[derive(Debug)]
+struct Rebalance {
+    /// Its name in [`PartitionInstall::step`].
+    step: u64,
+    /// New replica sets, by partition.
+    moves: BTreeMap<u32, Vec<u64>>,
+    /// The placement once the step is done.
+    next: Placement,
+    /// Members gaining a copy.
+    gainers: BTreeSet<u64>,
+    /// Writes to the moving partitions are held back since this durable
+    /// index (`None`: some are still in flight).
+    as_of: Option<u64>,
+    /// Gainers that installed their copies, with the replica that said so.
+    installed: BTreeMap<u64, u64>,
+    started: u64,
+    persisting: bool,
 }
 
 /// A pending decision in the persist queue.
@@ -213,6 +262,24 @@ pub struct CoordinatorCore {
     actions: Vec<Action>,
     /// Transactions that found a key locked and queued for it (for metrics).
     lock_waits: u64,
+    /// The rebalance step in progress.
+    rebalance: Option<Rebalance>,
+    /// Transactions held back by the rebalance step.
+    frozen: VecDeque<TxnId>,
+    /// Until `window_until`, the replicas partitions had before the last
+    /// move still prepare their writes (see the module docs).
+    window: BTreeMap<u32, Vec<u64>>,
+    window_until: u64,
+    /// No rebalance step is planned before this time.
+    next_rebalance_at: u64,
+    /// Per partition, the placement version that last changed its replicas
+    /// (since this start: the current version for all of them at first).
+    /// A PREPARE batch carries the highest of its transactions' partitions,
+    /// so that only a move a batch depends on makes a participant that has
+    /// not heard of it check in first.
+    changed_at: Vec<u64>,
+    /// The next step's name: the generation, then a count.
+    next_step: u64,
 }
 
 /// The longest a transaction keeps retrying after transient failures: a
@@ -226,6 +293,9 @@ fn stall_budget(m: &Membership) -> u64 {
 impl CoordinatorCore {
     /// A core for a coordinator that starts as `incarnation` over durable
     /// state: the last commit index in its log, its view and its history.
+    /// Time starts at 0: the replicas of the last move's partitions before
+    /// it prepare their writes for a lease time (a previous run may have
+    /// switched just before it stopped).
     pub fn new(
         config: CoreConfig,
         incarnation: Incarnation,
@@ -254,7 +324,40 @@ impl CoordinatorCore {
             fence: Fence::default(),
             actions: Vec::new(),
             lock_waits: 0,
+            rebalance: None,
+            frozen: VecDeque::new(),
+            window: BTreeMap::new(),
+            window_until: 0,
+            next_rebalance_at: 0,
+            next_step: (incarnation.generation << 32) + 1,
+            changed_at: Vec::new(),
         }
+        .started()
+    }
+
+    fn started(mut self) -> Self {
+        let c = self.membership.config();
+        self.window = self.config.placement.spec().previous.clone();
+        self.window_until = c.lease_ms + c.drift_margin_ms;
+        let spec = self.config.placement.spec();
+        self.changed_at = vec![spec.version; spec.partitions as usize];
+        self.refresh_placement();
+        self
+    }
+
+    /// The placement version a PREPARE batch of `items` depends on.
+    fn batch_version(&self, items: &[PrepareItem]) -> u64 {
+        if self.config.placement.is_full() {
+            return self.config.placement.spec().version;
+        }
+        let mut version = 0;
+        for item in items {
+            let t = &item.txn;
+            for k in t.conditions.iter().map(|c| c.key()).chain(t.writes.iter().map(|w| w.key())) {
+                version = version.max(self.changed_at[self.config.placement.partition(k) as usize]);
+            }
+        }
+        version
     }
 
     /// The actions the inputs so far asked for, in order, with the
@@ -386,7 +489,14 @@ impl CoordinatorCore {
 
     fn start_prepare(&mut self, id: TxnId, now: u64) {
         let Some(entry) = self.txns.get(&id) else { return };
-        let members = match self.involved(&entry.txn) {
+        if self.held_back(&entry.txn) {
+            if let Some(e) = self.txns.get_mut(&id) {
+                e.state = State::Parked;
+            }
+            self.frozen.push_back(id);
+            return;
+        }
+        let members = match self.involved(&entry.txn, now) {
             Ok(members) => members,
             Err(why) => {
                 self.finish(id, Err(Error::Unavailable(why)), now);
@@ -407,7 +517,7 @@ impl CoordinatorCore {
     /// it reads or writes. Refused when a partition it touches has fewer
     /// than `min_partition_replicas` replicas in the view (with full copies:
     /// fewer than `--min-replicas` members).
-    fn involved(&self, txn: &Txn) -> Result<BTreeSet<u64>, String> {
+    fn involved(&self, txn: &Txn, now: u64) -> Result<BTreeSet<u64>, String> {
         let view = self.membership.view();
         let placement = &self.config.placement;
         if placement.is_full() {
@@ -432,8 +542,21 @@ impl CoordinatorCore {
                 ));
             }
             members.extend(live);
+            if now < self.window_until {
+                if let Some(before) = self.window.get(&part) {
+                    members.extend(before.iter().copied().filter(|r| view.members.contains(r)));
+                }
+            }
         }
         Ok(members)
+    }
+
+    /// Whether `txn` touches a partition the rebalance step is moving (and
+    /// so waits for it, or is waited for when already running).
+    fn held_back(&self, txn: &Txn) -> bool {
+        let Some(r) = &self.rebalance else { return false };
+        let keys = txn.keys();
+        self.config.placement.partitions_for(keys.iter().map(|k| k.as_slice())).iter().any(|p| r.moves.contains_key(p))
     }
 
     /// Sends what waits in the outboxes, as far as the in-flight limit allows.
@@ -458,6 +581,7 @@ impl CoordinatorCore {
                     epoch,
                     replica: self.membership.bound_replica(to),
                     min_applied: self.membership.min_applied(to),
+                    placement_version: self.batch_version(&items),
                     items,
                 });
             }
@@ -610,6 +734,7 @@ impl CoordinatorCore {
             return;
         }
         self.parked.retain(|t| *t != id);
+        self.frozen.retain(|t| *t != id);
         self.actions.push(Action::Reply { txn: id, result });
         for g in self.locks.release(id) {
             self.locked(g, now);
@@ -686,6 +811,7 @@ impl CoordinatorCore {
         }
         self.maybe_change_view(now);
         self.unpark(now);
+        self.drive_rebalance(now);
         self.maybe_persist();
     }
 
@@ -741,22 +867,227 @@ impl CoordinatorCore {
         }
     }
 
-    /// With full copies the placement is every participant of the roster,
-    /// and the check-ins needed after a start count them (see
-    /// [`CoreConfig::partitioned`]). Partitioned clusters never change
-    /// their roster ([`CoordinatorCore::change_members`]).
+    /// With full copies the placement is every participant of the roster.
+    /// The check-ins needed after a start count the roster's participants
+    /// (see [`CoreConfig::partitioned`]), and a leaving member still
+    /// holding partitions stays until they have moved away.
     fn refresh_placement(&mut self) {
-        if !self.config.placement.is_full() {
-            return;
-        }
         let ids: Vec<u64> = self.membership.participants().into_keys().collect();
-        if ids == self.config.placement.spec().participants {
+        let n = ids.len();
+        if self.config.placement.is_full() {
+            if ids != self.config.placement.spec().participants {
+                self.config.placement = Placement::new(ids, n, self.config.placement.partitions());
+            }
+            self.config.min_partition_replicas = self.membership.config().min_replicas.min(n).max(1);
+        }
+        self.config.verify_quorum = (n + 1).saturating_sub(self.config.min_partition_replicas).max(1);
+        let holding = if self.config.placement.is_full() {
+            BTreeSet::new()
+        } else {
+            self.config.placement.holders().into_iter().collect()
+        };
+        self.membership.set_holding(holding);
+    }
+
+    // -----------------------------------------------------------------
+    // Moving partitions
+
+    /// The participants that should hold data: those of the roster that
+    /// are neither joining nor leaving.
+    fn targets(&self) -> BTreeSet<u64> {
+        self.membership
+            .roster()
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.state == RosterState::Active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The next rebalance step from the current placement (empty: none is
+    /// needed, or none can be made now). Copies go only to members that
+    /// are not suspected, and only partitions with a replica in the view
+    /// to copy from move.
+    fn plan(&self, max: usize) -> BTreeMap<u32, Vec<u64>> {
+        let view = &self.membership.view().members;
+        let placement = &self.config.placement;
+        placement.plan_moves(
+            &self.targets(),
+            |id| view.contains(&id) && !self.membership.is_suspected(id),
+            |p| placement.replicas(p).iter().any(|r| view.contains(r)),
+            max,
+        )
+    }
+
+    /// Starts, advances or gives up the rebalance step (every tick).
+    fn drive_rebalance(&mut self, now: u64) {
+        if self.config.placement.is_full() || self.check_fence() != Ok(true) {
             return;
         }
-        let n = ids.len();
-        self.config.placement = Placement::new(ids, n, self.config.placement.partitions());
-        self.config.min_partition_replicas = self.membership.config().min_replicas.min(n).max(1);
-        self.config.verify_quorum = (n + 1).saturating_sub(self.config.min_partition_replicas).max(1);
+        let Some(r) = &self.rebalance else {
+            if now < self.next_rebalance_at || !self.view_settled() {
+                return;
+            }
+            let moves = self.plan(self.config.move_batch);
+            if moves.is_empty() {
+                return;
+            }
+            let placement = &self.config.placement;
+            let gainers = moves
+                .iter()
+                .flat_map(|(p, to)| to.iter().copied().filter(|id| !placement.replicas(*p).contains(id)))
+                .collect();
+            let next = placement.with_moves(&moves);
+            let step = self.next_step;
+            self.next_step += 1;
+            self.rebalance = Some(Rebalance {
+                step,
+                moves,
+                next,
+                gainers,
+                as_of: None,
+                installed: BTreeMap::new(),
+                started: now,
+                persisting: false,
+            });
+            return;
+        };
+        if r.persisting {
+            return;
+        }
+        let view = &self.membership.view().members;
+        if now >= r.started + self.config.move_timeout_ms || !r.gainers.is_subset(view) {
+            self.abandon_rebalance(now);
+            return;
+        }
+        if r.as_of.is_none() {
+            let busy = self
+                .txns
+                .values()
+                .any(|e| matches!(e.state, State::Preparing { .. } | State::Deciding) && self.held_back(&e.txn));
+            if !busy {
+                let durable = self.durable;
+                self.rebalance.as_mut().expect("present").as_of = Some(durable);
+            }
+            return;
+        }
+        let done =
+            r.gainers.iter().all(|g| r.installed.get(g).is_some_and(|rep| *rep == self.membership.bound_replica(*g)));
+        if done {
+            let spec = r.next.spec().clone();
+            self.rebalance.as_mut().expect("present").persisting = true;
+            self.actions.push(Action::PersistPlacement(spec));
+        }
+    }
+
+    /// Gives the rebalance step up: its partitions take writes again under
+    /// the current placement; a new step is planned a little later.
+    fn abandon_rebalance(&mut self, now: u64) {
+        self.rebalance = None;
+        self.next_rebalance_at = now + 2_000;
+        self.thaw(now);
+    }
+
+    /// Transactions held back by a rebalance step prepare now.
+    fn thaw(&mut self, now: u64) {
+        let frozen: Vec<TxnId> = self.frozen.drain(..).collect();
+        for id in frozen.into_iter().rev() {
+            self.parked.push_front(id);
+        }
+        self.unpark(now);
+    }
+
+    /// The last [`Action::PersistPlacement`] is durable: the step's
+    /// partitions are where it put them, and their writes go on.
+    pub fn placement_persisted(&mut self, now: u64) {
+        let Some(r) = self.rebalance.take() else { return };
+        let c = self.membership.config();
+        self.window = r.next.spec().previous.clone();
+        self.window_until = now + c.lease_ms + c.drift_margin_ms;
+        for p in r.moves.keys() {
+            self.changed_at[*p as usize] = r.next.spec().version;
+        }
+        self.config.placement = r.next;
+        self.refresh_placement();
+        self.next_rebalance_at = now;
+        self.thaw(now);
+    }
+
+    /// What participant `id` is to copy for the rebalance step (`None`:
+    /// nothing now). Sources are the partitions' current replicas in the view.
+    pub fn install_for(&self, id: u64) -> Option<PartitionInstall> {
+        let r = self.rebalance.as_ref()?;
+        let as_of = r.as_of?;
+        if !r.gainers.contains(&id) {
+            return None;
+        }
+        let view = &self.membership.view().members;
+        let partitions = r
+            .moves
+            .iter()
+            .filter(|(p, to)| to.contains(&id) && !self.config.placement.replicas(**p).contains(&id))
+            .map(|(p, _)| {
+                let sources = self.config.placement.replicas(*p).iter().copied().filter(|s| view.contains(s)).collect();
+                (*p, sources)
+            })
+            .collect();
+        Some(PartitionInstall { step: r.step, version: r.next.spec().version, as_of, partitions })
+    }
+
+    /// Participant `id`, checking in as `replica`, has durably installed
+    /// the copies of rebalance step `step`.
+    pub fn installed(&mut self, id: u64, replica: u64, step: u64) {
+        if let Some(r) = &mut self.rebalance {
+            if r.as_of.is_some() && r.gainers.contains(&id) && r.step == step {
+                r.installed.insert(id, replica);
+            }
+        }
+    }
+
+    /// How many copies `moves` makes on participants that lack them now.
+    fn new_copies(&self, moves: &BTreeMap<u32, Vec<u64>>) -> usize {
+        moves
+            .iter()
+            .map(|(p, to)| to.iter().filter(|id| !self.config.placement.replicas(*p).contains(id)).count())
+            .sum()
+    }
+
+    /// Partitions moving between participants, in words (`None`: the
+    /// placement is where it should be).
+    pub fn rebalance_status(&self) -> Option<String> {
+        if let Some(r) = &self.rebalance {
+            let copies = self.new_copies(&r.moves);
+            let to: Vec<String> = r.gainers.iter().map(u64::to_string).collect();
+            let phase = match r.as_of {
+                None => "waiting for their writes in flight".to_string(),
+                Some(i) => format!("copying as of index {i}, {} of {} done", r.installed.len(), r.gainers.len()),
+            };
+            return Some(format!(
+                "moving {copies} partition copies to participant(s) {} (placement version {}): {phase}",
+                to.join(", "),
+                r.next.spec().version
+            ));
+        }
+        if self.config.placement.is_full() {
+            return None;
+        }
+        let left = self.new_copies(&self.plan(usize::MAX));
+        let leaving = self
+            .membership
+            .roster()
+            .nodes
+            .iter()
+            .any(|(id, e)| e.state == RosterState::Leaving && self.config.placement.holders().contains(id));
+        match left {
+            0 if leaving => {
+                Some("a leaving participant still holds partitions: waiting for a member to copy them to".into())
+            }
+            0 => None,
+            n => Some(format!(
+                "{n} partition copies to move (placement version {})",
+                self.config.placement.spec().version
+            )),
+        }
     }
 
     /// An operator adds or removes a participant. Checked and queued here;
@@ -764,14 +1095,17 @@ impl CoordinatorCore {
     /// [`Membership::request_pending`] and [`CoordinatorCore::view_settled`]).
     pub fn change_members(&mut self, change: &MemberChange) -> Result<(), Error> {
         self.check_fence()?;
-        if !self.config.placement.is_full() {
-            return Err(Error::Invalid(format!(
-                "this cluster keeps each key on {} of its {} participants; adding or removing one would move \
-                 partitions, which is not built yet: membership changes work on clusters of full copies (created \
-                 without --replication)",
-                self.config.placement.replication(),
-                self.config.placement.spec().participants.len()
-            )));
+        let placement = &self.config.placement;
+        if let (MemberChange::Remove { id }, false) = (change, placement.is_full()) {
+            let staying = self.targets().into_iter().filter(|t| t != id).count();
+            let active = self.membership.roster().state(*id) == Some(RosterState::Active);
+            if active && staying < placement.replication() {
+                return Err(Error::Invalid(format!(
+                    "removing participant {id} would leave {staying} participant(s) to hold {} copies of every key \
+                     (this cluster's replication): add one first (`treaty member add ADDR`)",
+                    placement.replication()
+                )));
+            }
         }
         match change {
             MemberChange::Add { id, addr } => self.membership.request_add(*id, addr),

@@ -34,7 +34,9 @@
 //!   or removes one (*leaving*: it gets no new lease and is excluded once
 //!   its lease has run out, then it is *removed*). Ids are never reused, a
 //!   removed participant is refused for good, and a removal that would leave
-//!   fewer than `min_replicas` participants is refused.
+//!   fewer than `min_replicas` participants is refused. In a partitioned
+//!   cluster a leaving member that still holds partitions and answers is
+//!   not excluded: its partitions move away first ([`Membership::set_holding`]).
 //!
 //! Time is an input: every method takes `now` in milliseconds of the
 //! coordinator's monotonic clock. After a coordinator restart, all members are
@@ -237,6 +239,8 @@ pub struct Membership {
     /// The log holds commits after this index only (compacted through it):
     /// a participant that has applied less cannot catch up from the log.
     log_start: u64,
+    /// Participants the placement puts partitions on (partitioned clusters).
+    holding: BTreeSet<u64>,
 }
 
 impl Membership {
@@ -272,7 +276,13 @@ impl Membership {
                 (id, node)
             })
             .collect();
-        Membership { view, roster, config, nodes, requests: Default::default(), log_start: 0 }
+        Membership { view, roster, config, nodes, requests: Default::default(), log_start: 0, holding: BTreeSet::new() }
+    }
+
+    /// The participants that hold partitions now: a leaving one among them
+    /// stays in the view while it answers, until its partitions have moved.
+    pub fn set_holding(&mut self, holding: BTreeSet<u64>) {
+        self.holding = holding;
     }
 
     /// The log was compacted through `index`.
@@ -528,13 +538,14 @@ impl Membership {
         let node = self.nodes.get(&id)?;
         let detect = self.config.detect_ms;
         let member = self.view.members.contains(&id);
-        if member && node.suspected && now >= node.lease_until + self.config.drift_margin_ms {
-            return Some(ViewChange::Exclude(id));
-        }
         let reachable = fresh(node.last_sync, now, detect)
             && fresh(node.last_ping_ok, now, detect)
             && node.replica.is_some()
             && node.replica == node.at_address;
+        let still_holds = node.leaving && reachable && self.holding.contains(&id);
+        if member && node.suspected && !still_holds && now >= node.lease_until + self.config.drift_margin_ms {
+            return Some(ViewChange::Exclude(id));
+        }
         if member && reachable && !self.view.replicas.contains_key(&id) {
             return Some(ViewChange::Bind(id));
         }

@@ -36,7 +36,7 @@ mod placement;
 pub mod ranges;
 mod replica;
 
-pub use compaction::{snapshot_plan, Retention, SnapshotGroup};
+pub use compaction::{copy_groups, snapshot_plan, Retention, SnapshotGroup};
 pub use coordinator::{Action, CoordinatorCore, CoreConfig, Decisions, Outcomes};
 pub use locks::LockTable;
 pub use membership::{Grant, Membership, MembershipConfig, Roster, RosterEntry, RosterState, View, ViewChange};

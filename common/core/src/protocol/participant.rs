@@ -342,6 +342,7 @@ mod tests {
             min_applied: 0,
             placement: Placement::full(vec![1, 2, 3]).spec().clone(),
             participants: Default::default(),
+            install: None,
         }
     }
 

@@ -307,6 +307,7 @@ proptest! {
                             }
                             Action::Persist { .. } => { persisting = true; }
                             Action::PersistView(..) => c.view_persisted(now),
+                            Action::PersistPlacement(..) => c.placement_persisted(now),
                             Action::Reply { txn, result } => { assert!(answered.insert(txn, result).is_none(), "answered twice"); }
                             Action::Decide { .. } => {}
                         }
@@ -324,6 +325,7 @@ proptest! {
                 Some(Action::Prepare { to, batch, items, .. }) => c.prepared(to, batch, Ok(vec![Ok(Vote::Yes); items.len()]), now),
                 Some(Action::Persist { .. }) => c.persisted(now),
                 Some(Action::PersistView(..)) => c.view_persisted(now),
+                Some(Action::PersistPlacement(..)) => c.placement_persisted(now),
                 Some(Action::Reply { txn, result }) => { assert!(answered.insert(txn, result).is_none(), "answered twice"); }
                 Some(Action::Decide { .. }) => {}
                 None => {
@@ -672,6 +674,7 @@ impl Sim {
                     self.persisting = Some((commits, aborts));
                 }
                 Action::PersistView(v, _) => self.view_persisting = Some(v),
+                Action::PersistPlacement(_) => unreachable!("full copies never move partitions"),
                 Action::Reply { txn, result } => {
                     if let Ok(c) = &result {
                         assert_eq!(
@@ -1217,4 +1220,193 @@ fn a_partition_without_enough_replicas_refuses_writes_and_others_go_on() {
     let _persist = c.take_actions();
     c.persisted(now);
     assert_eq!(replies(&c.take_actions()), vec![(TxnId(2), Ok(Committed { index: 1 }))]);
+}
+
+/// A verified core whose roster has six active members while the placement
+/// is still the base table of participants 1..=5 (each key on 3 of 64
+/// partitions): participant 6 was just admitted.
+fn six_on_a_placement_of_five() -> CoordinatorCore {
+    let n = 6;
+    let mut view = View::initial(n);
+    view.replicas = (1..=n).map(|id| (id, r(id))).collect();
+    let membership = Membership::new(view, roster(n), MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
+    let history = [(INC.generation, INC.nonce)].into();
+    let placement = Placement::new((1..=5).collect(), 3, 64);
+    let mut c = CoordinatorCore::new(CoreConfig::partitioned(placement, 3), INC, history, membership, 0);
+    heartbeat(&mut c, n, 0, &[]);
+    assert!(c.take_actions().is_empty());
+    c
+}
+
+/// A key of a partition `pick` accepts.
+fn key_where(c: &CoordinatorCore, pick: impl Fn(u32) -> bool) -> String {
+    (0..10_000).map(|i| format!("k{i}")).find(|k| pick(c.placement().partition(k.as_bytes()))).expect("a key")
+}
+
+fn asked(actions: &[Action]) -> BTreeSet<u64> {
+    prepares(actions).iter().map(|p| p.0).collect()
+}
+
+#[test]
+fn a_rebalance_step_holds_back_only_its_partitions_copies_them_then_switches() {
+    let mut c = six_on_a_placement_of_five();
+    let before = c.placement().clone();
+    let targets: BTreeSet<u64> = (1..=6).collect();
+    let moves = before.plan_moves(&targets, |_| true, |_| true, c.config.move_batch);
+    assert!(!moves.is_empty() && moves.values().all(|to| to.contains(&6)), "copies go to the new participant");
+    let moving = key_where(&c, |p| moves.contains_key(&p));
+    let staying = key_where(&c, |p| !moves.contains_key(&p));
+
+    // A write to a moving partition is in flight when the step begins.
+    c.submit(put(1, &moving), 10);
+    let first = c.take_actions();
+    assert_eq!(asked(&first), before.replicas_of(moving.as_bytes()).iter().copied().collect());
+    c.tick(100);
+    assert!(c.rebalance_status().unwrap().contains("waiting for their writes in flight"), "{:?}", c.rebalance_status());
+    assert_eq!(c.install_for(6), None, "nothing to copy while a write to it is in flight");
+    // New writes to moving partitions wait; others go on.
+    c.submit(put(2, &moving), 110);
+    c.submit(put(3, &staying), 110);
+    let mut a = c.take_actions();
+    all_yes(&mut c, &first, 120);
+    a.extend(c.take_actions());
+    assert_eq!(prepares(&a).iter().filter(|p| p.2.contains(&TxnId(2))).count(), 0, "held back");
+    assert_eq!(prepares(&a).iter().filter(|p| p.2.contains(&TxnId(3))).count(), 3, "not held back");
+    all_yes(&mut c, &a, 120);
+    let _persist = c.take_actions();
+    c.persisted(130);
+    let _persist = c.take_actions();
+    c.persisted(140);
+    let _ = c.take_actions();
+    c.tick(200);
+    let ins = c.install_for(6).expect("participant 6 copies now");
+    assert_eq!(ins.as_of, 2, "both commits are durable");
+    assert_eq!(ins.version, 1);
+    assert_eq!(ins.step, (INC.generation << 32) + 1);
+    assert_eq!(ins.partitions.len(), moves.len());
+    for (p, sources) in &ins.partitions {
+        assert_eq!(sources, &before.replicas(*p).to_vec(), "copied from its replicas");
+    }
+    assert_eq!(c.install_for(3), None, "only gainers copy");
+
+    // Not switched until the copy is reported, and only by the replica bound to 6.
+    c.tick(300);
+    assert!(c.take_actions().is_empty());
+    c.installed(6, 999, ins.step);
+    c.tick(400);
+    assert!(c.take_actions().is_empty(), "another replica's word does not count");
+    c.installed(6, r(6), ins.step + 1);
+    c.tick(450);
+    assert!(c.take_actions().is_empty(), "another step's copy does not count");
+    c.installed(6, r(6), ins.step);
+    c.tick(500);
+    let a = c.take_actions();
+    let [Action::PersistPlacement(spec)] = &a[..] else { panic!("expected the switch: {a:?}") };
+    assert_eq!(spec.version, 1);
+    assert_eq!(c.placement().spec().version, 0, "not before it is durable");
+    c.placement_persisted(600);
+    let after = c.placement().clone();
+    assert_eq!(after.spec().version, 1);
+    assert!(after.replicas_of(moving.as_bytes()).contains(&6));
+    // The held-back write prepares now, on the new replicas and, for a
+    // lease time, on the old ones too.
+    let a = c.take_actions();
+    let expected: BTreeSet<u64> =
+        after.replicas_of(moving.as_bytes()).iter().chain(before.replicas_of(moving.as_bytes())).copied().collect();
+    assert_eq!(asked(&a), expected);
+    assert!(
+        a.iter().all(|x| !matches!(x, Action::Prepare { placement_version, .. } if *placement_version != 1)),
+        "PREPAREs carry the new version"
+    );
+    all_yes(&mut c, &a, 700);
+    let _ = c.take_actions();
+    c.persisted(710);
+    assert_eq!(replies(&c.take_actions()), vec![(TxnId(2), Ok(Committed { index: 3 }))]);
+    // After the lease time, only the new replicas.
+    let late = 600 + 2_000 + 200;
+    heartbeat(&mut c, 6, late, &[]);
+    c.submit(put(4, &moving), late);
+    let a = c.take_actions();
+    assert_eq!(asked(&a), after.replicas_of(moving.as_bytes()).iter().copied().collect());
+}
+
+#[test]
+fn a_step_whose_copy_never_arrives_is_given_up_and_its_writes_go_on() {
+    let mut c = six_on_a_placement_of_five();
+    c.tick(100);
+    c.tick(200);
+    let ins = c.install_for(6).expect("a step copies to 6");
+    let moving = key_where(&c, |p| ins.partitions.iter().any(|(q, _)| *q == p));
+    c.submit(put(1, &moving), 300);
+    assert!(prepares(&c.take_actions()).is_empty(), "held back");
+    let mut now = 300;
+    while c.rebalance_status().is_some_and(|s| s.starts_with("moving")) {
+        now += 500;
+        heartbeat(&mut c, 6, now, &[]);
+        c.tick(now);
+        assert!(now < 30_000, "never given up");
+    }
+    assert!(now >= 100 + c.config.move_timeout_ms);
+    assert_eq!(c.placement().spec().version, 0, "nothing moved");
+    assert_eq!(prepares(&c.take_actions()).len(), 3, "the write goes on under the old placement");
+}
+
+/// Check-ins of participants `ids` (removed ones refused), copies reported
+/// as soon as asked, and durable writes done at once, until `done`.
+fn run_membership(c: &mut CoordinatorCore, ids: &[u64], mut now: u64, done: impl Fn(&CoordinatorCore) -> bool) -> u64 {
+    while !done(c) {
+        now += 100;
+        assert!(now < 200_000, "never done: {:?}", c.rebalance_status());
+        for &id in ids {
+            c.on_ping(id, Some(r(id)), now);
+            let _ = c.on_sync(id, r(id), Some(INC), 0, 0, 0, 0, now);
+            if let Some(ins) = c.install_for(id) {
+                c.installed(id, r(id), ins.step);
+            }
+        }
+        c.tick(now);
+        for a in c.take_actions() {
+            match a {
+                Action::PersistView(view, _) => {
+                    for id in ids {
+                        if !view.members.contains(id)
+                            && c.membership().roster().state(*id) == Some(RosterState::Leaving)
+                        {
+                            assert!(c.placement().partitions_of(*id).is_empty(), "{id} left holding partitions");
+                        }
+                    }
+                    c.view_persisted(now)
+                }
+                Action::PersistPlacement(_) => c.placement_persisted(now),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    now
+}
+
+#[test]
+fn adding_rebalances_to_within_one_and_removing_moves_every_copy_away_before_the_member_leaves() {
+    let mut c = six_on_a_placement_of_five();
+    let now = run_membership(&mut c, &[1, 2, 3, 4, 5, 6], 0, |c| c.rebalance_status().is_none());
+    for id in 1..=6 {
+        assert_eq!(c.placement().partitions_of(id).len(), 32, "64 x 3 / 6 each");
+    }
+    assert_eq!(c.placement().spec().version, 1, "32 copies: one step");
+    // A removal that would leave fewer participants than copies is refused.
+    c.change_members(&MemberChange::Remove { id: 2 }).unwrap();
+    let now = run_membership(&mut c, &[1, 2, 3, 4, 5, 6], now, |c| {
+        c.membership().roster().state(2) == Some(RosterState::Removed)
+    });
+    assert!(c.placement().partitions_of(2).is_empty());
+    let loads: Vec<usize> = [1, 3, 4, 5, 6].iter().map(|id| c.placement().partitions_of(*id).len()).collect();
+    assert!(loads.iter().all(|l| (38..=39).contains(l)), "{loads:?}");
+    for id in [3, 4] {
+        c.change_members(&MemberChange::Remove { id }).unwrap();
+        run_membership(&mut c, &[1, 3, 4, 5, 6], now, |c| {
+            c.membership().roster().state(id) == Some(RosterState::Removed)
+        });
+    }
+    let e = c.change_members(&MemberChange::Remove { id: 5 }).unwrap_err();
+    assert!(e.to_string().contains("would leave 2 participant(s) to hold 3 copies"), "{e}");
 }
