@@ -895,7 +895,8 @@ impl Node {
         }
     }
 
-    /// Refreshes this participant's gauges (every check-in tick).
+    /// Refreshes this participant's gauges (every check-in tick, and after
+    /// each answer).
     fn update_gauges(&self) {
         use treaty_metrics as m;
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
@@ -1041,6 +1042,9 @@ impl Node {
                 *self.pending_install.lock().unwrap() = reply.install.clone();
             }
             self.moves_wake.notify_one();
+            // The gauges show the standing this answer left (a lease just
+            // granted or renewed), not only what the tick began with.
+            self.update_gauges();
             if self.installing.load(Ordering::Acquire) {
                 // This answer's outcomes concern the core the install replaces:
                 // the next check-in asks again.

@@ -53,13 +53,16 @@ async fn every_node_serves_metrics_that_move_with_commits_aborts_and_a_kill() {
     assert!(metric(&coord, "treaty_decision_sync_seconds_count").unwrap() >= 1.0);
     assert!(metric(&coord, "treaty_prepare_seconds_bucket{le=\"+Inf\"}").unwrap() >= 5.0);
     for i in 1..=5 {
-        let p = eventually(&c, i, Duration::from_secs(5), "applied everything", |t| {
+        // The lease gauge is what the last check-in left: a check-in
+        // answered late on a loaded machine may leave a member without a
+        // lease for a moment, so it is awaited like the applied count.
+        let p = eventually(&c, i, Duration::from_secs(5), "applied everything, holding a lease", |t| {
             metric(t, "treaty_applied_total").unwrap_or(0.0) >= 20.0
+                && metric(t, "treaty_lease_seconds").unwrap_or(0.0) > 0.0
         })
         .await;
         assert!(metric(&p, "treaty_votes_total{vote=\"yes\"}").unwrap() >= 20.0, "{p}");
-        assert_eq!(metric(&p, "treaty_member"), Some(1.0));
-        assert!(metric(&p, "treaty_lease_seconds").unwrap() > 0.0, "a member holds a lease");
+        assert_eq!(metric(&p, "treaty_member"), Some(1.0), "{p}");
     }
     let reads: f64 = (1..=5)
         .map(|i| metric(&c.scrape(i).unwrap(), "treaty_reads_total{mode=\"linearizable\"}").unwrap_or(0.0))
