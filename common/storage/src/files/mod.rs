@@ -244,15 +244,32 @@ fn open_sled(dir: &Path, files: &Path, cache_bytes: u64) -> Result<sled::Db> {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             r => {
-                return r.map_err(|e| {
+                let db = r.map_err(|e| {
                     Error::Storage(format!(
                         "cannot open data dir {}: {e} (is another Treaty process using it?)",
                         dir.display()
                     ))
-                })
+                })?;
+                sync_blobs(files)?;
+                return Ok(db);
             }
         }
     }
+}
+
+/// Syncs every blob file and the blob directory once. The patched sled syncs
+/// each blob as it writes it; this covers blobs left by a binary from before
+/// that patch, which synced them only at its next `Durability::sync`.
+fn sync_blobs(files: &Path) -> Result<()> {
+    let blobs = files.join("blobs");
+    let Ok(entries) = std::fs::read_dir(&blobs) else { return Ok(()) };
+    for entry in entries.flatten() {
+        // A blob sled removed meanwhile is no longer needed.
+        if let Ok(f) = File::open(entry.path()) {
+            f.sync_data().map_err(io("sync", &entry.path()))?;
+        }
+    }
+    File::open(&blobs).and_then(|f| f.sync_all()).map_err(io("sync", &blobs))
 }
 
 /// Steps 1 and 2: the copy and the switch. Returns the new files' directory name.
