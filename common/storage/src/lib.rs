@@ -58,8 +58,9 @@
 //!   transaction that aborted on a failed condition, for safe retries
 //!   (written with the batch's commits and synced before the client hears
 //!   it). A commit's decision is its log entry, which names the
-//!   transaction: the log is written with one sled batch per persist, and
-//!   which transaction committed at which index is kept in memory
+//!   transaction: the log is written one insert per entry in index order
+//!   (a crash before the sync keeps a prefix, each entry a decision nobody
+//!   heard of yet), and which transaction committed at which index is kept in memory
 //!   ([`DecisionIndex`], rebuilt from the log's entries at start). Data
 //!   dirs written before this also hold commit decisions here; they are
 //!   read as a fallback and removed by compaction like the others.
@@ -1015,15 +1016,17 @@ impl CoordinatorStore {
         self.decisions.get(txn_id.0.to_be_bytes()).db()?.map(|v| decode(&v, "decision")).transpose()
     }
 
-    /// Writes commits to the log, one sled batch for all of them (a crash
-    /// keeps all or none). Not durable until a sync.
+    /// Writes commits to the log, one insert each in index order. Not
+    /// durable until a sync; a crash before it keeps a prefix of them
+    /// (sled recovers a prefix of its log), and each entry is a decision of
+    /// its own that nobody has heard of yet, so any prefix is a consistent
+    /// log. Not a sled batch: sled seals and writes out two log buffers for
+    /// every batch (`pin_log`), and the sync after this waits for them.
     pub fn record_commits(&self, entries: &[LogEntry]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for e in entries {
-            batch.insert(&e.index.to_be_bytes(), encode(e));
-        }
         let mut index = self.index.lock().unwrap();
-        self.log.apply_batch(batch).db()?;
+        for e in entries {
+            self.log.insert(e.index.to_be_bytes(), encode(e)).db()?;
+        }
         index.commits.extend(entries.iter().map(|e| (e.txn_id, e.index)));
         Ok(())
     }
