@@ -519,10 +519,11 @@ impl Node {
         if stale { treaty_metrics::hot::reads_stale() } else { treaty_metrics::hot::reads_linearizable() }.increment(1);
         if !stale {
             self.wait_unheld(|| format!("key {}", escape(&key)), |core| core.holder(&key)).await?;
+            self.store.get(&key)
         } else {
             self.check_consistent()?;
+            self.store.get_between_applies(&key)
         }
-        self.store.get(&key)
     }
 
     /// PREPARE and COMMIT are refused while an install runs (a member has

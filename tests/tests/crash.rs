@@ -159,6 +159,9 @@ crash_tests! {
     // Between the apply's data write and its WAL removal: the leftover
     // record must be retired, not stay in doubt (the node would never be ready).
     participant_crash_mid_apply: 2, "participant::mid_apply", Some(true);
+    // In the middle of the apply's data writes (part of the transaction
+    // written, the applied index not): applied again, whole, after the restart.
+    participant_crash_mid_apply_data: 2, "storage::mid_apply_data", Some(true);
     coordinator_crash_before_prepare: 0, "coordinator::before_prepare", Some(false);
     coordinator_crash_before_decision: 0, "coordinator::before_decision", Some(false);
     // Written but not synced: a killed process may or may not have left it.

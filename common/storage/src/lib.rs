@@ -35,15 +35,22 @@
 //!   record per 16-byte txn id key; opening the store moves them into one
 //!   entry.
 //!
-//! Applying commits is two steps: one atomic sled batch with the data and
-//! the new applied index ([`ReplicaStore::apply_data`]), then the removal of
-//! the WAL records ([`ReplicaStore::retire`]). A crash between them leaves
-//! records of transactions already applied; they are in doubt after the
-//! restart, the coordinator answers "committed at index i" with i at or
-//! below the applied index, and the replica drops them then (see
-//! `ReplicaCore::commit`). The data and its applied index are never apart.
-//! (An earlier version used one sled transaction over three trees; it cost
-//! about a sixth of all CPU at 64 clients, see docs/decisions.md.)
+//! Applying commits is two steps ([`ReplicaStore::apply_data`], then
+//! [`ReplicaStore::retire`]): an `applying` mark in `meta` (the run's last
+//! index), the data writes in order and the new applied index, as plain
+//! sled writes; then the removal of the WAL records. sled recovers a prefix
+//! of its log, so a crash can leave part of a run's data with the applied
+//! index before it: the mark, written first, is then above the applied
+//! index, and the replica treats its data as no state of the cluster
+//! ([`ReplicaStore::consistent_from`]) until it has applied the run again
+//! (idempotent: a value carries its commit index). The applied index never
+//! runs ahead of the data. A crash between the two steps leaves records of
+//! transactions already applied; they are in doubt after the restart, the
+//! coordinator answers "committed at index i" with i at or below the
+//! applied index, and the replica drops them then (see
+//! `ReplicaCore::commit`). (Earlier versions used one sled transaction over
+//! three trees, then one sled batch; see docs/decisions.md for what each
+//! cost.)
 //!
 //! ## Coordinator layout
 //! * `treaty-coordinator.id` (a plain file beside sled's): the cluster id and
@@ -98,6 +105,9 @@ impl<T> Db<T> for std::result::Result<T, sled::Error> {
 
 /// Where `data` keeps the applied index: no client key is empty.
 const APPLIED_KEY: &[u8] = b"";
+/// `meta` key: the last index of the apply in progress (see
+/// [`ReplicaStore::apply_data`]).
+const APPLYING: &str = "applying";
 
 /// sled's page cache for a participant: its reads are served from here
 /// first, so it is the larger (sled's default is 1 GiB per process; see
@@ -222,10 +232,9 @@ pub struct ReplicaStore {
     data: sled::Tree,
     wal: sled::Tree,
     wal_index: Arc<Mutex<WalIndex>>,
-    /// Held for writing while a batch of commits is applied, for reading
-    /// while a range page is read: a page never shows half of a batch
-    /// (sled applies a batch atomically for single-key reads, but an
-    /// iterator can step across it).
+    /// Held for writing while a run of commits is applied, for reading
+    /// while a range page or a stale key is read: neither ever shows part
+    /// of a run (an apply is a sequence of plain sled writes).
     gate: Arc<RwLock<()>>,
 }
 
@@ -324,6 +333,16 @@ impl ReplicaStore {
         Ok(self.data.get(key).db()?.map(|v| decode_versioned(&v)))
     }
 
+    /// [`get`](Self::get) between applies, never in the middle of one: a
+    /// stale read, which does not wait for the key's prepared transaction,
+    /// sees a transaction this replica applies wholly or not at all, read
+    /// after read. (A linearizable read waits until the key is not held,
+    /// which it is until its apply has ended.)
+    pub fn get_between_applies(&self, key: &[u8]) -> Result<Option<Versioned>> {
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        self.get(key)
+    }
+
     /// How many keys are stored (counts them: O(keys), for status only).
     pub fn key_count(&self) -> u64 {
         self.data.iter().keys().filter(|k| k.as_ref().is_ok_and(|k| k.as_ref() != APPLIED_KEY)).count() as u64
@@ -415,24 +434,46 @@ impl ReplicaStore {
         self.retire(entries)
     }
 
-    /// Writes committed transactions' data and the new applied index in one
-    /// atomic sled batch (their WAL records stay until [`retire`](Self::retire)).
+    /// Writes committed transactions' data, then the new applied index
+    /// (their WAL records stay until [`retire`](Self::retire)). Plain sled
+    /// operations in order, not a sled batch: a batch makes sled seal and
+    /// write out two extra log buffers (`pin_log`), which cost more than
+    /// the writes. sled recovers a prefix of its log, so a crash keeps the
+    /// `applying` mark (written first), some of the data, and the applied
+    /// index only if all of the data: a restarted replica whose mark is
+    /// above its applied index may hold part of those commits, and
+    /// [`consistent_from`](Self::consistent_from) says so until it has
+    /// applied them again (the writes are idempotent: values carry their
+    /// commit index). While it runs, the gate keeps range pages and stale
+    /// reads from seeing part of it.
     pub fn apply_data(&self, entries: &[ApplyEntry]) -> Result<()> {
         let Some(last) = entries.last() else {
             return Ok(());
         };
-        let mut batch = sled::Batch::default();
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.meta.insert(APPLYING, &last.index.to_be_bytes()).db()?;
+        let mut first = true;
         for e in entries {
             for w in e.writes.iter() {
                 match w {
-                    Write::Put(k, v) => batch.insert(k.as_slice(), encode_versioned(e.index, v)),
-                    Write::Delete(k) => batch.remove(k.as_slice()),
+                    Write::Put(k, v) => {
+                        self.data.insert(k.as_slice(), encode_versioned(e.index, v)).db()?;
+                    }
+                    Write::Delete(k) => {
+                        self.data.remove(k.as_slice()).db()?;
+                    }
+                }
+                if std::mem::take(&mut first) {
+                    // Test-only: a crash with part of the data written.
+                    fail::fail_point!("storage::mid_apply_data", |_| {
+                        let _ = self.db.flush();
+                        files::crash("storage::mid_apply_data")
+                    });
                 }
             }
         }
-        batch.insert(APPLIED_KEY, &last.index.to_be_bytes());
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        self.data.apply_batch(batch).db()
+        self.data.insert(APPLIED_KEY, &last.index.to_be_bytes()).db()?;
+        Ok(())
     }
 
     /// The snapshot install in progress, if one is (see [`Install`]).
@@ -549,9 +590,13 @@ impl ReplicaStore {
     }
 
     /// The applied index from which local reads show one state of the
-    /// cluster (after a snapshot install, the newest chunk's; 0 otherwise).
+    /// cluster: after a snapshot install, the newest chunk's; after a crash
+    /// in the middle of an apply, the last index of that apply (see
+    /// [`apply_data`](Self::apply_data)); 0 otherwise.
     pub fn consistent_from(&self) -> Result<u64> {
-        Ok(u64_at(&self.meta, "consistent_from")?.unwrap_or(0))
+        let stored = u64_at(&self.meta, "consistent_from")?.unwrap_or(0);
+        let applying = u64_at(&self.meta, APPLYING)?.unwrap_or(0);
+        Ok(if applying > self.applied_index()? { stored.max(applying) } else { stored })
     }
 
     /// Removes applied transactions' WAL records.
@@ -1212,6 +1257,41 @@ mod tests {
         assert_eq!(s.get(b"k").unwrap().unwrap(), Versioned { value: b"v".to_vec(), version: 5 });
         assert_eq!(s.get(b"").unwrap(), None, "the applied index must not read as a key");
         assert_eq!(s.prepared().unwrap(), vec![rec], "the record outlives a half-done apply");
+    }
+
+    /// A crash in the middle of an apply can keep part of its data without
+    /// its applied index (sled keeps a prefix of the writes): the store
+    /// then says its data is no state of the cluster until the run is
+    /// applied again, and the second apply gives exactly the right data.
+    #[test]
+    fn a_torn_apply_is_reported_until_it_is_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReplicaStore::open(dir.path(), 1).unwrap();
+        put_all(&s, 1, &[(b"a", b"1"), (b"b", b"1")]);
+        assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (1, 0));
+        // What a crash after the first write of the run through index 3 keeps.
+        s.meta.insert(APPLYING, &3u64.to_be_bytes()).unwrap();
+        s.data.insert(b"a", encode_versioned(3, b"3")).unwrap();
+        s.flush().unwrap();
+        let s = restarted(s, dir.path());
+        assert_eq!(s.applied_index().unwrap(), 1);
+        assert_eq!(s.consistent_from().unwrap(), 3, "part of index 3 is here: not one state until it is applied");
+        let run = [
+            ApplyEntry { index: 2, txn_id: TxnId(2), writes: vec![Write::Delete(b"b".to_vec())].into() },
+            ApplyEntry {
+                index: 3,
+                txn_id: TxnId(3),
+                writes: vec![Write::Put(b"a".to_vec(), b"3".to_vec()), Write::Put(b"c".to_vec(), b"3".to_vec())].into(),
+            },
+        ];
+        s.apply_data(&run).unwrap();
+        assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (3, 0));
+        assert_eq!(s.get(b"a").unwrap().unwrap(), Versioned { value: b"3".to_vec(), version: 3 });
+        assert_eq!(s.get(b"b").unwrap(), None);
+        assert_eq!(s.get_between_applies(b"c").unwrap().unwrap(), Versioned { value: b"3".to_vec(), version: 3 });
+        // An install's mark still counts when it is the higher one.
+        s.meta.insert("consistent_from", &9u64.to_be_bytes()).unwrap();
+        assert_eq!(s.consistent_from().unwrap(), 9);
     }
 
     /// Values over sled's blob threshold live in blob files, which the

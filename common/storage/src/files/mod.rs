@@ -316,7 +316,7 @@ fn copy_trees(db: &sled::Db, to: &Path) -> Result<()> {
 }
 
 /// A failpoint's `abort()` (a kill -9 at that step, for tests).
-fn crash(name: &str) -> ! {
+pub(crate) fn crash(name: &str) -> ! {
     eprintln!("treaty: failpoint {name} hit: aborting");
     std::process::abort()
 }
