@@ -1126,12 +1126,17 @@ fn simulation_cost() {
 
 /// A verified core over five members with each key on three of them.
 fn partitioned_core() -> CoordinatorCore {
-    let n = 5;
+    verified_partitioned_core(5, 5)
+}
+
+/// A verified core whose roster has `n` active members, over the base
+/// placement of participants `1..=placed` (each key on 3 of 64 partitions).
+fn verified_partitioned_core(n: u64, placed: u64) -> CoordinatorCore {
     let mut view = View::initial(n);
     view.replicas = (1..=n).map(|id| (id, r(id))).collect();
     let membership = Membership::new(view, roster(n), MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
     let history = [(INC.generation, INC.nonce)].into();
-    let placement = Placement::new((1..=n).collect(), 3, 64);
+    let placement = Placement::new((1..=placed).collect(), 3, 64);
     let mut c = CoordinatorCore::new(CoreConfig::partitioned(placement, 3), INC, history, membership, 0);
     heartbeat(&mut c, n, 0, &[]);
     assert!(c.take_actions().is_empty());
@@ -1226,16 +1231,7 @@ fn a_partition_without_enough_replicas_refuses_writes_and_others_go_on() {
 /// is still the base table of participants 1..=5 (each key on 3 of 64
 /// partitions): participant 6 was just admitted.
 fn six_on_a_placement_of_five() -> CoordinatorCore {
-    let n = 6;
-    let mut view = View::initial(n);
-    view.replicas = (1..=n).map(|id| (id, r(id))).collect();
-    let membership = Membership::new(view, roster(n), MembershipConfig { min_replicas: 3, ..Default::default() }, 0);
-    let history = [(INC.generation, INC.nonce)].into();
-    let placement = Placement::new((1..=5).collect(), 3, 64);
-    let mut c = CoordinatorCore::new(CoreConfig::partitioned(placement, 3), INC, history, membership, 0);
-    heartbeat(&mut c, n, 0, &[]);
-    assert!(c.take_actions().is_empty());
-    c
+    verified_partitioned_core(6, 5)
 }
 
 /// A key of a partition `pick` accepts.
