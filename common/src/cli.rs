@@ -1,4 +1,5 @@
-//! Flags every server shares: how it secures its connections.
+//! Flags every server shares: how it secures its connections, how it logs
+//! and serves metrics, and the threads it runs on.
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -6,7 +7,7 @@ use std::path::PathBuf;
 use crate::net::DEFAULT_MAX_CONNECTIONS;
 use crate::tls::{Identity, Security};
 
-/// TLS credentials and connection limits of a server.
+/// TLS credentials, connection limits, logging and threads of a server.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SecurityArgs {
     /// Directory with the cluster's `ca.pem` and this node's certificate and
@@ -34,6 +35,21 @@ pub struct SecurityArgs {
     /// Log lines as text, or as one JSON object per line for log shippers.
     #[arg(long, env = "TREATY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Threads that run this node's network and protocol work. One is the
+    /// fastest on small machines and when several nodes share one (fewer
+    /// hand-offs between threads per write; docs/decisions.md "One worker
+    /// thread per node"); raise it for a coordinator on a machine of its own
+    /// with many cores and many clients. Disk syncs and applies run on
+    /// threads of their own either way.
+    #[arg(long, env = "TREATY_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
+}
+
+impl SecurityArgs {
+    /// The tokio runtime the server runs on (`--worker-threads` workers).
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(self.worker_threads as usize).enable_all().build()
+    }
 }
 
 /// How servers write their log lines (stderr).

@@ -26,7 +26,9 @@ pub const FAILPOINTS_ENV: &str = "TREATY_FAILPOINTS";
 
 /// A named protocol step at which tests can kill the process. Configured
 /// through [`FAILPOINTS_ENV`] (`name=return` crashes there with `abort()`,
-/// like a `kill -9`; `name=sleep(ms)` delays; `name=pause` blocks).
+/// like a `kill -9`; `name=sleep(ms)` delays; `name=pause` blocks). A delay
+/// or pause holds up only the step it is in, not the node's other work
+/// (see [`failpoint_step`]).
 #[macro_export]
 macro_rules! crash_point {
     ($name:expr) => {
@@ -34,13 +36,37 @@ macro_rules! crash_point {
     };
     // `$before` runs first (e.g. a flush, to crash with the data written).
     ($name:expr, $before:expr) => {
-        ::fail::fail_point!($name, |_| {
-            $before;
-            ::tracing::error!(failpoint = $name, "failpoint hit: aborting the process");
-            eprintln!("treaty: failpoint {} hit: aborting", $name);
-            ::std::process::abort();
+        $crate::failpoint_step(|| {
+            ::fail::fail_point!($name, |_| {
+                $before;
+                ::tracing::error!(failpoint = $name, "failpoint hit: aborting the process");
+                eprintln!("treaty: failpoint {} hit: aborting", $name);
+                ::std::process::abort();
+            })
         })
     };
+}
+
+static FAILPOINTS_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Evaluates a failpoint ([`crash_point!`]). A `sleep` or `pause` action
+/// blocks the thread it runs on; on a tokio worker that would stall every
+/// task of the node, which runs one worker by default. So when failpoints
+/// are armed and this runs on a worker, the worker first hands its other
+/// tasks to a fresh thread (`block_in_place`), and the delay holds up only
+/// this step, as a slow disk or a stuck thread would. Unarmed, this costs
+/// one atomic load.
+#[doc(hidden)]
+pub fn failpoint_step(step: impl FnOnce()) {
+    let on_worker = || {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    };
+    if FAILPOINTS_ARMED.load(std::sync::atomic::Ordering::Relaxed) && on_worker() {
+        tokio::task::block_in_place(step)
+    } else {
+        step()
+    }
 }
 
 /// Loads failpoints from [`FAILPOINTS_ENV`]. Call once at startup.
@@ -53,6 +79,7 @@ pub fn setup_failpoints() -> anyhow::Result<()> {
             fail::cfg(name.trim(), action.trim())
                 .map_err(|e| anyhow::anyhow!("bad {FAILPOINTS_ENV} entry {item:?}: {e}"))?;
             tracing::warn!(failpoint = name.trim(), action = action.trim(), "failpoint armed");
+            FAILPOINTS_ARMED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
     Ok(())

@@ -2,8 +2,14 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = treaty_participant::cli::Args::parse();
-    std::process::exit(treaty_participant::cli::main_with(args).await);
+    let runtime = match args.security.runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("treaty-participant: cannot start its threads: {e}");
+            std::process::exit(1);
+        }
+    };
+    std::process::exit(runtime.block_on(treaty_participant::cli::main_with(args)));
 }

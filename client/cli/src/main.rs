@@ -329,15 +329,14 @@ fn main() {
         Some("coordinator") | Some("participant") => {
             let role = std::env::args().nth(1).unwrap();
             let rest: Vec<String> = std::env::args().skip(2).collect();
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             let code = if role == "coordinator" {
                 let args =
                     treaty_coordinator::cli::Args::parse_from(std::iter::once("treaty-coordinator".into()).chain(rest));
-                rt.block_on(treaty_coordinator::cli::main_with(args))
+                args.security.runtime().expect("tokio runtime").block_on(treaty_coordinator::cli::main_with(args))
             } else {
                 let args =
                     treaty_participant::cli::Args::parse_from(std::iter::once("treaty-participant".into()).chain(rest));
-                rt.block_on(treaty_participant::cli::main_with(args))
+                args.security.runtime().expect("tokio runtime").block_on(treaty_participant::cli::main_with(args))
             };
             std::process::exit(code);
         }
