@@ -46,9 +46,21 @@ pub struct SecurityArgs {
 }
 
 impl SecurityArgs {
-    /// The tokio runtime the server runs on (`--worker-threads` workers).
-    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(self.worker_threads as usize).enable_all().build()
+    /// Runs a server's main future on a tokio runtime of `--worker-threads`
+    /// workers and returns its exit status (1, saying why, if the runtime
+    /// cannot start).
+    pub fn run(&self, program: &str, server: impl std::future::Future<Output = i32>) -> i32 {
+        match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.worker_threads as usize)
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(server),
+            Err(e) => {
+                eprintln!("{program}: cannot start its threads: {e}");
+                1
+            }
+        }
     }
 }
 

@@ -4,12 +4,6 @@ use clap::Parser;
 
 fn main() {
     let args = treaty_participant::cli::Args::parse();
-    let runtime = match args.security.runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("treaty-participant: cannot start its threads: {e}");
-            std::process::exit(1);
-        }
-    };
-    std::process::exit(runtime.block_on(treaty_participant::cli::main_with(args)));
+    let security = args.security.clone();
+    std::process::exit(security.run("treaty-participant", treaty_participant::cli::main_with(args)));
 }

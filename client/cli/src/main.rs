@@ -332,11 +332,11 @@ fn main() {
             let code = if role == "coordinator" {
                 let args =
                     treaty_coordinator::cli::Args::parse_from(std::iter::once("treaty-coordinator".into()).chain(rest));
-                args.security.runtime().expect("tokio runtime").block_on(treaty_coordinator::cli::main_with(args))
+                args.security.clone().run("treaty coordinator", treaty_coordinator::cli::main_with(args))
             } else {
                 let args =
                     treaty_participant::cli::Args::parse_from(std::iter::once("treaty-participant".into()).chain(rest));
-                args.security.runtime().expect("tokio runtime").block_on(treaty_participant::cli::main_with(args))
+                args.security.clone().run("treaty participant", treaty_participant::cli::main_with(args))
             };
             std::process::exit(code);
         }
