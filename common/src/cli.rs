@@ -39,7 +39,7 @@ pub struct SecurityArgs {
     /// fastest on small machines and when several nodes share one (fewer
     /// hand-offs between threads per write; docs/decisions.md "One worker
     /// thread per node"); raise it for a coordinator on a machine of its own
-    /// with many cores and many clients. Disk syncs and applies run on
+    /// with many cores and many clients. Disk syncs and long applies run on
     /// threads of their own either way.
     #[arg(long, env = "TREATY_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: u16,
