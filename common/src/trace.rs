@@ -2,9 +2,15 @@
 //! ring of [`TraceEvent`]s (about 40k transactions' worth at the
 //! coordinator), in memory only: nothing is written to disk for it, and
 //! the oldest events make room for new ones.
+//!
+//! Recording is on every transaction's path, several times per node, so an
+//! event's text is kept as a [`Detail`] and written out only when someone
+//! asks: a fixed string or a number costs no allocation, and one text
+//! shared by a batch's transactions is allocated once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::rpc::{TraceEvent, TraceSummary};
@@ -13,10 +19,53 @@ use crate::types::TxnId;
 /// Events a node keeps.
 pub const TRACE_EVENTS: usize = 200_000;
 
+/// An event's text, formatted when it is read.
+#[derive(Clone, Debug)]
+pub enum Detail {
+    Static(&'static str),
+    Text(Arc<str>),
+    /// `prefix` followed by the number, such as `index 7`.
+    Indexed(&'static str, u64),
+    /// An applied commit: `index 7 (3 in this apply)`.
+    Applied {
+        index: u64,
+        run: usize,
+    },
+    /// A submitted transaction: `1 condition(s), 2 write(s)`.
+    Shape {
+        conditions: usize,
+        writes: usize,
+    },
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Detail::Static(s) => f.write_str(s),
+            Detail::Text(s) => f.write_str(s),
+            Detail::Indexed(prefix, n) => write!(f, "{prefix}{n}"),
+            Detail::Applied { index, run } => write!(f, "index {index} ({run} in this apply)"),
+            Detail::Shape { conditions, writes } => write!(f, "{conditions} condition(s), {writes} write(s)"),
+        }
+    }
+}
+
+impl From<&'static str> for Detail {
+    fn from(s: &'static str) -> Self {
+        Detail::Static(s)
+    }
+}
+
+impl From<String> for Detail {
+    fn from(s: String) -> Self {
+        Detail::Text(s.into())
+    }
+}
+
 /// What one node remembers (see the module docs).
 pub struct TraceRing {
     node: String,
-    events: Mutex<VecDeque<(TxnId, u64, &'static str, String)>>,
+    events: Mutex<VecDeque<(TxnId, u64, &'static str, Detail)>>,
 }
 
 fn now_us() -> u64 {
@@ -30,7 +79,7 @@ impl TraceRing {
     }
 
     /// Records that `txn` reached `step` now.
-    pub fn record(&self, txn: TxnId, step: &'static str, detail: impl Into<String>) {
+    pub fn record(&self, txn: TxnId, step: &'static str, detail: impl Into<Detail>) {
         let event = (txn, now_us(), step, detail.into());
         let mut events = self.events.lock().unwrap();
         if events.len() >= TRACE_EVENTS {
@@ -39,15 +88,17 @@ impl TraceRing {
         events.push_back(event);
     }
 
-    /// Records the same step for several transactions at one moment.
-    pub fn record_all(&self, txns: impl IntoIterator<Item = TxnId>, step: &'static str, detail: &str) {
+    /// Records the same step, with one shared text, for several transactions
+    /// at one moment.
+    pub fn record_all(&self, txns: impl IntoIterator<Item = TxnId>, step: &'static str, detail: impl Into<Detail>) {
+        let detail = detail.into();
         let at = now_us();
         let mut events = self.events.lock().unwrap();
         for txn in txns {
             if events.len() >= TRACE_EVENTS {
                 events.pop_front();
             }
-            events.push_back((txn, at, step, detail.to_string()));
+            events.push_back((txn, at, step, detail.clone()));
         }
     }
 
@@ -62,7 +113,7 @@ impl TraceRing {
                 at_us: *at_us,
                 node: self.node.clone(),
                 step: step.to_string(),
-                detail: detail.clone(),
+                detail: detail.to_string(),
             })
             .collect()
     }
@@ -79,7 +130,7 @@ impl TraceRing {
                 started.insert(*txn, *at);
             } else if *step == end {
                 if let Some(s) = started.remove(txn) {
-                    done.push(TraceSummary { txn: *txn, took_us: at.saturating_sub(s), outcome: detail.clone() });
+                    done.push(TraceSummary { txn: *txn, took_us: at.saturating_sub(s), outcome: detail.to_string() });
                 }
             }
         }
@@ -110,6 +161,15 @@ mod tests {
             ring.record(TxnId(100 + i), "submitted", "");
         }
         assert!(ring.events(TxnId(1)).is_empty(), "the oldest events make room");
+
+        // Details are written out when read, as the text they stand for.
+        ring.record(TxnId(3), "submitted", Detail::Shape { conditions: 1, writes: 2 });
+        ring.record(TxnId(3), "COMMIT received", Detail::Indexed("index ", 7));
+        ring.record(TxnId(3), "applied", Detail::Applied { index: 7, run: 3 });
+        ring.record_all([TxnId(3), TxnId(4)], "record durable", format!("synced in {} ms", 2));
+        let texts: Vec<String> = ring.events(TxnId(3)).into_iter().map(|e| e.detail).collect();
+        assert_eq!(texts, ["1 condition(s), 2 write(s)", "index 7", "index 7 (3 in this apply)", "synced in 2 ms"]);
+        assert_eq!(ring.events(TxnId(4))[0].detail, "synced in 2 ms");
         assert_eq!(ring.events(TxnId(100 + TRACE_EVENTS as u128 - 1)).len(), 1);
     }
 }

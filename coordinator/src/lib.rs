@@ -71,7 +71,7 @@ use treaty_common::rpc::{
     ParticipantServiceClient, Peer, PrepareBatch, SyncReply, SyncRequest, TraceEvent, TraceSummary,
 };
 use treaty_common::tls::{Expect, Security};
-use treaty_common::trace::TraceRing;
+use treaty_common::trace::{Detail, TraceRing};
 use treaty_common::{Committed, Error, Result, Txn, TxnId};
 use treaty_storage::{CoordinatorStore, Decision, Durability};
 
@@ -197,8 +197,8 @@ impl Coordinator {
                 match a {
                     Action::Reply { txn, result } => {
                         let detail = match &result {
-                            Ok(c) => format!("committed at index {}", c.index),
-                            Err(e) => e.to_string(),
+                            Ok(c) => Detail::Indexed("committed at index ", c.index),
+                            Err(e) => e.to_string().into(),
                         };
                         self.trace.record(txn, "answered", detail);
                         replies.push((result, p.waiters.remove(&txn).unwrap_or_default()))
@@ -228,7 +228,7 @@ impl Coordinator {
         for action in &actions {
             if let Action::Prepare { to, batch, items, .. } = action {
                 let detail = format!("to participant {to} (batch {batch}, {} transaction(s))", items.len());
-                self.trace.record_all(items.iter().map(|i| i.txn.id), "prepare sent", &detail);
+                self.trace.record_all(items.iter().map(|i| i.txn.id), "prepare sent", detail);
             }
         }
         let mut commits = Vec::new();
@@ -268,19 +268,25 @@ impl Coordinator {
                         let ms = took.as_secs_f64() * 1000.0;
                         match &answer {
                             Ok(votes) => {
+                                // One shared text for the batch's YES votes.
+                                let mut yes: Option<Detail> = None;
                                 for (id, vote) in ids.iter().zip(votes) {
-                                    let v = match vote {
-                                        Ok(treaty_common::rpc::Vote::Yes) => "yes".to_string(),
-                                        Ok(treaty_common::rpc::Vote::No(why)) => format!("no ({why})"),
-                                        Err(e) => format!("error ({e})"),
+                                    let detail = match vote {
+                                        Ok(treaty_common::rpc::Vote::Yes) => yes
+                                            .get_or_insert_with(|| format!("participant {to}: yes, {ms:.2} ms").into())
+                                            .clone(),
+                                        Ok(treaty_common::rpc::Vote::No(why)) => {
+                                            format!("participant {to}: no ({why}), {ms:.2} ms").into()
+                                        }
+                                        Err(e) => format!("participant {to}: error ({e}), {ms:.2} ms").into(),
                                     };
-                                    me.trace.record(*id, "vote received", format!("participant {to}: {v}, {ms:.2} ms"));
+                                    me.trace.record(*id, "vote received", detail);
                                 }
                             }
                             Err(e) => me.trace.record_all(
                                 ids.iter().copied(),
                                 "vote received",
-                                &format!("participant {to}: failed after {ms:.2} ms ({e})"),
+                                format!("participant {to}: failed after {ms:.2} ms ({e})"),
                             ),
                         }
                         me.step(|core, now| core.prepared(to, batch, answer, now));
@@ -288,7 +294,7 @@ impl Coordinator {
                 }
                 Action::Persist { commits, aborts } => {
                     for e in &commits {
-                        self.trace.record(e.txn_id, "decided", format!("commit at index {}", e.index));
+                        self.trace.record(e.txn_id, "decided", Detail::Indexed("commit at index ", e.index));
                     }
                     for (txn, reason) in &aborts {
                         self.trace.record(*txn, "decided", format!("abort: {reason}"));
@@ -364,9 +370,14 @@ impl Coordinator {
                 told.entry((*txn, "ABORT sent")).or_default().push(*to);
             }
         }
+        // Transactions sent to the same participants share one text.
+        let mut texts: HashMap<Vec<u64>, Detail> = HashMap::new();
         for ((txn, step), to) in told {
-            let list: Vec<String> = to.iter().map(u64::to_string).collect();
-            self.trace.record(txn, step, format!("to participants {}", list.join(", ")));
+            let detail = texts.entry(to).or_insert_with_key(|to| {
+                let list: Vec<String> = to.iter().map(u64::to_string).collect();
+                format!("to participants {}", list.join(", ")).into()
+            });
+            self.trace.record(txn, step, detail.clone());
         }
         self.rpcs.fetch_add(batches.len() as u64, Ordering::Relaxed);
         treaty_metrics::hot::messages().increment(batches.len() as u64);
@@ -425,7 +436,7 @@ impl Coordinator {
         self.trace.record(
             txn.id,
             "submitted",
-            format!("{} condition(s), {} write(s)", txn.conditions.len(), txn.writes.len()),
+            Detail::Shape { conditions: txn.conditions.len(), writes: txn.writes.len() },
         );
         let rx = {
             let mut p = self.protocol.lock().unwrap();
@@ -754,7 +765,7 @@ fn persister(me: Arc<Coordinator>, mut durability: Durability, mut rx: mpsc::Unb
         let took = started.elapsed();
         treaty_metrics::hot::decision_sync_seconds().record(took.as_secs_f64());
         let detail = format!("written and synced in {:.2} ms", took.as_secs_f64() * 1000.0);
-        me.trace.record_all(done.iter().copied(), "decision durable", &detail);
+        me.trace.record_all(done.iter().copied(), "decision durable", detail);
         crash_point!("coordinator::after_decision_sync");
         if let Some(last) = last {
             me.last_index.fetch_max(last, Ordering::AcqRel);

@@ -64,7 +64,7 @@ use treaty_common::rpc::{
     Vote,
 };
 use treaty_common::tls::{Expect, Security};
-use treaty_common::trace::TraceRing;
+use treaty_common::trace::{Detail, TraceRing};
 use treaty_common::types::{escape, RangePage, RangeRequest};
 use treaty_common::{Committed, Error, Key, Result, Txn, TxnId, Versioned};
 use treaty_storage::{GroupSync, ReplicaStore};
@@ -135,11 +135,12 @@ const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
 /// In the refusals of an asker that knows another placement version.
 const MOVED: &str = "partitions moved";
-/// A run of at most this many commits is applied on the worker itself (tens
-/// of microseconds of sled writes); a longer one on the blocking pool, so
-/// that the node's one worker keeps serving meanwhile. Handing a short run
-/// over cost more than writing it: two context switches per apply.
-const INLINE_APPLY_MAX: usize = 8;
+/// A run of commits writing at most this many keys is applied on the worker
+/// itself (about a millisecond of sled writes at most, a run's worth at 64
+/// clients); a longer one on the blocking pool, so that the node's one
+/// worker keeps serving meanwhile. Handing a run over costs two context
+/// switches per apply, which is more than a short run's writes.
+const INLINE_APPLY_MAX_WRITES: usize = 128;
 
 struct Node {
     id: u64,
@@ -273,7 +274,7 @@ impl Node {
         self.trace.record_all(
             req.items.iter().map(|i| i.txn.id),
             "prepare received",
-            &format!("in a batch of {}", req.items.len()),
+            format!("in a batch of {}", req.items.len()),
         );
         let mut votes = Vec::with_capacity(req.items.len());
         let mut sync_needed = false;
@@ -299,9 +300,9 @@ impl Node {
             }
             .increment(1);
             let detail = match &vote {
-                Ok(Vote::No(why)) => format!("no: {why}"),
-                Err(e) => format!("error: {e}"),
-                _ => "yes".to_string(),
+                Ok(Vote::No(why)) => Detail::from(format!("no: {why}")),
+                Err(e) => format!("error: {e}").into(),
+                _ => "yes".into(),
             };
             self.trace.record(item.txn.id, "voted", detail);
             votes.push(vote);
@@ -324,7 +325,7 @@ impl Node {
                 "PREPARED record written and synced; votes leave ({:.2} ms after arrival)",
                 started.elapsed().as_secs_f64() * 1000.0
             );
-            self.trace.record_all(logging.records.iter().map(|r| r.txn_id), "record durable", &detail);
+            self.trace.record_all(logging.records.iter().map(|r| r.txn_id), "record durable", detail);
         }
         treaty_metrics::hot::vote_seconds().record(started.elapsed().as_secs_f64());
         Ok(votes)
@@ -393,7 +394,7 @@ impl Node {
                 commits.into_iter().map(|c| (c, None)).chain(skips.into_iter().map(|c| (c, Some(nothing.clone()))));
             for ((txn_id, index), writes) in all {
                 let step = if writes.is_some() { "skip received" } else { "COMMIT received" };
-                self.trace.record(txn_id, step, format!("index {index}"));
+                self.trace.record(txn_id, step, Detail::Indexed("index ", index));
                 match core.commit(txn_id, index, writes) {
                     Ok(CommitStep::Queued) => queued = true,
                     Ok(CommitStep::AlreadyApplied) => {}
@@ -870,7 +871,7 @@ impl Node {
                 crash_point!("participant::before_apply");
                 let apply_started = Instant::now();
                 let store = self.store.clone();
-                let inline = batch.len() <= INLINE_APPLY_MAX;
+                let inline = batch.iter().map(|e| e.writes.len()).sum::<usize>() <= INLINE_APPLY_MAX_WRITES;
                 let apply = move || {
                     let r = store.apply_data(&batch).and_then(|()| {
                         // Test-only: a crash between the two writes of an apply.
@@ -892,11 +893,7 @@ impl Node {
                 self.applied_count.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 treaty_metrics::hot::applied().increment(batch.len() as u64);
                 for e in &batch {
-                    self.trace.record(
-                        e.txn_id,
-                        "applied",
-                        format!("index {} ({} in this apply)", e.index, batch.len()),
-                    );
+                    self.trace.record(e.txn_id, "applied", Detail::Applied { index: e.index, run: batch.len() });
                 }
                 treaty_metrics::hot::apply_seconds().record(apply_started.elapsed().as_secs_f64());
                 debug!(through = last, count = batch.len(), "applied");

@@ -1193,6 +1193,71 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::{Duration, Instant};
 
+    /// Keys and values are serialized as byte strings (`serde_bytes`); the
+    /// bytes must stay those of the plain sequences they were before, in
+    /// both of bincode's integer encodings (fixed in the stores, variable
+    /// on the wire), so that logs, WALs and peers from before read the same.
+    #[test]
+    fn keys_and_values_encode_as_the_sequences_they_were() {
+        use bincode::Options;
+        use serde::Serialize;
+        use treaty_core::types::Condition;
+        #[derive(Serialize)]
+        enum PlainWrite {
+            Put(Vec<u8>, Vec<u8>),
+            Delete(Vec<u8>),
+        }
+        #[derive(Serialize)]
+        enum PlainCondition {
+            ValueEquals(Vec<u8>, Vec<u8>),
+            VersionEquals(Vec<u8>, u64),
+            Exists(Vec<u8>),
+            Missing(Vec<u8>),
+        }
+        #[derive(Serialize)]
+        struct PlainVersioned {
+            value: Vec<u8>,
+            version: u64,
+        }
+        #[derive(Serialize)]
+        struct PlainRangeEntry {
+            key: Vec<u8>,
+            version: u64,
+            value: Option<Vec<u8>>,
+        }
+        fn same<A: Serialize, B: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(
+            new: &B,
+            old: &A,
+        ) {
+            let fixed = bincode::serialize(new).unwrap();
+            assert_eq!(fixed, bincode::serialize(old).unwrap());
+            assert_eq!(&bincode::deserialize::<B>(&fixed).unwrap(), new);
+            let varint = bincode::DefaultOptions::new();
+            let wire = varint.serialize(new).unwrap();
+            assert_eq!(wire, varint.serialize(old).unwrap());
+            assert_eq!(&varint.deserialize::<B>(&wire).unwrap(), new);
+        }
+        let (k, v) = (b"user/42".to_vec(), (0..=255u8).cycle().take(300).collect::<Vec<u8>>());
+        same(&Write::Put(k.clone(), v.clone()), &PlainWrite::Put(k.clone(), v.clone()));
+        same(&Write::Put(k.clone(), Vec::new()), &PlainWrite::Put(k.clone(), Vec::new()));
+        same(&Write::Delete(k.clone()), &PlainWrite::Delete(k.clone()));
+        same(&Condition::ValueEquals(k.clone(), v.clone()), &PlainCondition::ValueEquals(k.clone(), v.clone()));
+        same(&Condition::VersionEquals(k.clone(), 7), &PlainCondition::VersionEquals(k.clone(), 7));
+        same(&Condition::Exists(k.clone()), &PlainCondition::Exists(k.clone()));
+        same(&Condition::Missing(k.clone()), &PlainCondition::Missing(k.clone()));
+        same(&Versioned { value: v.clone(), version: 9 }, &PlainVersioned { value: v.clone(), version: 9 });
+        for value in [Some(v.clone()), None] {
+            same(
+                &RangeEntry { key: k.clone(), version: 3, value: value.clone() },
+                &PlainRangeEntry { key: k.clone(), version: 3, value },
+            );
+        }
+        // A length beyond the input is an error, not an allocation.
+        let mut short = bincode::serialize(&Write::Delete(k.clone())).unwrap();
+        short[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(bincode::deserialize::<Write>(&short).is_err());
+    }
+
     /// Drops a replica store and opens its directory again.
     fn restarted(s: ReplicaStore, dir: &Path) -> ReplicaStore {
         drop(s);
