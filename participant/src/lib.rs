@@ -135,11 +135,18 @@ const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
 /// In the refusals of an asker that knows another placement version.
 const MOVED: &str = "partitions moved";
-/// A run of commits writing at most this many keys is applied on the worker
-/// itself (about a millisecond of sled writes at most, a run's worth at 64
-/// clients); a longer one on the blocking pool, so that the node's one
-/// worker keeps serving meanwhile. Handing a run over costs two context
-/// switches per apply, which is more than a short run's writes.
+/// A run of at most [`INLINE_APPLY_MAX_COMMITS`] commits, or of commits
+/// writing at most [`INLINE_APPLY_MAX_WRITES`] keys (about a millisecond of
+/// sled writes, a run's worth at 64 clients), is applied on the worker
+/// itself; a longer one on the blocking pool, so that the node's one worker
+/// keeps serving meanwhile. Handing a run over costs two context switches
+/// per apply, which is more than a short run's writes.
+///
+/// A single large transaction stays on the worker, as it always did: sent
+/// to the pool, 1,000-key transactions made a participant miss its lease
+/// in two of five runs of `range.rs` on a loaded debug build (see
+/// docs/decisions.md, "Less CPU per commit").
+const INLINE_APPLY_MAX_COMMITS: usize = 8;
 const INLINE_APPLY_MAX_WRITES: usize = 128;
 
 struct Node {
@@ -871,7 +878,8 @@ impl Node {
                 crash_point!("participant::before_apply");
                 let apply_started = Instant::now();
                 let store = self.store.clone();
-                let inline = batch.iter().map(|e| e.writes.len()).sum::<usize>() <= INLINE_APPLY_MAX_WRITES;
+                let inline = batch.len() <= INLINE_APPLY_MAX_COMMITS
+                    || batch.iter().map(|e| e.writes.len()).sum::<usize>() <= INLINE_APPLY_MAX_WRITES;
                 let apply = move || {
                     let r = store.apply_data(&batch).and_then(|()| {
                         // Test-only: a crash between the two writes of an apply.
