@@ -268,17 +268,16 @@ impl Coordinator {
                         let ms = took.as_secs_f64() * 1000.0;
                         match &answer {
                             Ok(votes) => {
+                                let text = |v: &str| Detail::from(format!("participant {to}: {v}, {ms:.2} ms"));
                                 // One shared text for the batch's YES votes.
                                 let mut yes: Option<Detail> = None;
                                 for (id, vote) in ids.iter().zip(votes) {
                                     let detail = match vote {
-                                        Ok(treaty_common::rpc::Vote::Yes) => yes
-                                            .get_or_insert_with(|| format!("participant {to}: yes, {ms:.2} ms").into())
-                                            .clone(),
-                                        Ok(treaty_common::rpc::Vote::No(why)) => {
-                                            format!("participant {to}: no ({why}), {ms:.2} ms").into()
+                                        Ok(treaty_common::rpc::Vote::Yes) => {
+                                            yes.get_or_insert_with(|| text("yes")).clone()
                                         }
-                                        Err(e) => format!("participant {to}: error ({e}), {ms:.2} ms").into(),
+                                        Ok(treaty_common::rpc::Vote::No(why)) => text(&format!("no ({why})")),
+                                        Err(e) => text(&format!("error ({e})")),
                                     };
                                     me.trace.record(*id, "vote received", detail);
                                 }
