@@ -237,14 +237,82 @@ macro_rules! write_through {
 }
 write_through!(FrameGuard);
 
+/// Lets the tasks that are ready run before a connection writes, so that
+/// the messages they produce leave in the same write.
+///
+/// tarpc writes a connection's buffered frames as soon as its task finds no
+/// more queued, and tokio runs a task woken by another right after it. So
+/// when a decision wakes the requests of 16 clients on one connection, the
+/// connection task wakes after the first answer, writes it alone, and does
+/// the same for each of the others: one `writev` (and one TLS record, one
+/// wake-up of the reader) per answer. This wrapper turns the first write of
+/// each flush into a yield: the task goes to the back of the run queue, the
+/// other woken requests queue their answers, and the next poll writes them
+/// all at once. The cost is one extra poll of the connection task per flush.
+/// See docs/decisions.md, "Coalesced writes".
+pub struct Coalesce<S> {
+    inner: S,
+    /// Yielded once since the last completed flush: write through.
+    yielded: bool,
+}
+
+impl<S> Coalesce<S> {
+    pub fn new(inner: S) -> Self {
+        Coalesce { inner, yielded: false }
+    }
+
+    /// `Pending` once per flush (having woken this task), then `Ready`.
+    fn yield_once(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.yield_once(cx));
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.yield_once(cx));
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.yielded = false;
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A tarpc transport over one connection: frames of bincode messages.
 pub type Transport<In, Out> =
-    tarpc::tokio_serde::Framed<tokio_util::codec::Framed<BoxIo, FrameCodec>, In, Out, Bincode<In, Out>>;
+    tarpc::tokio_serde::Framed<tokio_util::codec::Framed<Coalesce<BoxIo>, FrameCodec>, In, Out, Bincode<In, Out>>;
 
-/// Wraps a connection into a transport that reads `In` and writes `Out`.
+/// Wraps a connection into a transport that reads `In` and writes `Out`,
+/// coalescing the writes of tasks that are ready together ([`Coalesce`]).
 /// (Servers have already put the connection behind a [`FrameGuard`].)
 pub fn transport<In, Out>(io: BoxIo) -> Transport<In, Out> {
-    let framed = tokio_util::codec::Framed::new(io, FrameCodec);
+    let framed = tokio_util::codec::Framed::new(Coalesce::new(io), FrameCodec);
     tarpc::tokio_serde::Framed::new(framed, Bincode::default())
 }
 
@@ -967,6 +1035,90 @@ mod tests {
         let dns = io::Error::other("failed to lookup address information: Name or service not known");
         let said = plain_connect_error("participant-3:7003", &dns);
         assert!(said.starts_with("the name participant-3 does not resolve"), "{said}");
+    }
+
+    /// A socket that counts the writes that reach it.
+    struct CountWrites {
+        inner: TcpStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for CountWrites {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountWrites {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let r = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(r)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tarpc::service]
+    trait Gate {
+        /// Answers `n` once the gate opens.
+        async fn echo_when_open(n: u32) -> u32;
+    }
+
+    #[derive(Clone)]
+    struct GateServer {
+        open: tokio::sync::watch::Receiver<bool>,
+        waiting: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Gate for GateServer {
+        async fn echo_when_open(mut self, _: tarpc::context::Context, n: u32) -> u32 {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _ = self.open.wait_for(|open| *open).await;
+            n
+        }
+    }
+
+    /// One worker, as the servers run: answers that become ready together
+    /// leave in one write, not one write each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn answers_ready_together_leave_in_one_write() {
+        const CALLS: u32 = 16;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = GateServer { open, waiting: waiting.clone() };
+        let server_writes = writes.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let io: BoxIo = Box::new(CountWrites { inner: stream, writes: server_writes });
+            crate::execute_channel!(io, server.serve()).await;
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let client = GateClient::new(tarpc::client::Config::default(), transport(Box::new(stream))).spawn();
+        let calls: Vec<_> = (0..CALLS)
+            .map(|n| {
+                let client = client.clone();
+                tokio::spawn(async move { client.echo_when_open(tarpc::context::current(), n).await })
+            })
+            .collect();
+        while waiting.load(Ordering::SeqCst) < CALLS as usize {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Opened from a task on the worker, as a decision wakes its
+        // requests in the coordinator.
+        tokio::spawn(async move { open_tx.send(true).unwrap() }).await.unwrap();
+        for (n, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), n as u32);
+        }
+        let writes = writes.load(Ordering::SeqCst);
+        assert!(writes <= 2, "{CALLS} answers ready together took {writes} writes");
     }
 
     #[tokio::test]
