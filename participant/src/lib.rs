@@ -131,8 +131,18 @@ const SNAPSHOT_WHEN_EMPTY: u64 = 1_000;
 /// Keys per snapshot chunk at most (and about `RANGE_PAGE_BYTES`).
 const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 /// Status shows a key count at most this old (counting reads every key;
-/// health checks ask every second).
+/// health checks ask every second), or older when counting is slow: see
+/// [`key_count_kept_for`].
 const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
+/// A count that took `t` is kept for at least this many times `t`, so that
+/// counting takes at most this fraction of a core however many keys there
+/// are (10 million keys take seconds to count).
+const KEY_COUNT_COST_FACTOR: u32 = 20;
+
+/// How long a key count that took `took` is shown before it is made again.
+fn key_count_kept_for(took: Duration) -> Duration {
+    KEY_COUNT_AGE.max(took * KEY_COUNT_COST_FACTOR)
+}
 /// In the refusals of an asker that knows another placement version.
 const MOVED: &str = "partitions moved";
 /// A run of at most [`INLINE_APPLY_MAX_COMMITS`] commits, or of commits
@@ -175,7 +185,8 @@ struct Node {
     security: Security,
     /// Keys written by recent commits (kept while keys are partitioned).
     recent: Mutex<RecentWrites>,
-    /// The last key count and when it was made (see [`Node::key_count`]).
+    /// The last key count: when it expires, and the count (see
+    /// [`Node::key_count`]).
     keys: tokio::sync::Mutex<Option<(Instant, u64)>>,
     applied_count: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
@@ -799,18 +810,20 @@ impl Node {
     }
 
     /// How many keys this replica stores, counted at most every
-    /// [`KEY_COUNT_AGE`] (counting reads every key: off the async workers,
-    /// and without the locks the write path needs).
+    /// [`key_count_kept_for`] (counting reads every key: off the async
+    /// workers, and without the locks the write path needs).
     async fn key_count(&self) -> u64 {
         let mut cached = self.keys.lock().await;
-        if let Some((at, count)) = *cached {
-            if at.elapsed() < KEY_COUNT_AGE {
+        if let Some((expires, count)) = *cached {
+            if Instant::now() < expires {
                 return count;
             }
         }
         let store = self.store.clone();
+        let started = Instant::now();
         let count = tokio::task::spawn_blocking(move || store.key_count()).await.unwrap_or(0);
-        *cached = Some((Instant::now(), count));
+        let done = Instant::now();
+        *cached = Some((done + key_count_kept_for(done - started), count));
         count
     }
 
@@ -1698,4 +1711,16 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     node.store.flush()?;
     info!(id = config.id, "participant stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_key_count_is_made_less_often() {
+        assert_eq!(key_count_kept_for(Duration::from_millis(10)), KEY_COUNT_AGE);
+        assert_eq!(key_count_kept_for(Duration::from_millis(100)), KEY_COUNT_AGE);
+        assert_eq!(key_count_kept_for(Duration::from_secs(3)), Duration::from_secs(60));
+    }
 }
