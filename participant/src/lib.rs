@@ -138,11 +138,6 @@ const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
 /// counting takes at most this fraction of a core however many keys there
 /// are (10 million keys take seconds to count).
 const KEY_COUNT_COST_FACTOR: u32 = 20;
-
-/// How long a key count that took `took` is shown before it is made again.
-fn key_count_kept_for(took: Duration) -> Duration {
-    KEY_COUNT_AGE.max(took * KEY_COUNT_COST_FACTOR)
-}
 /// In the refusals of an asker that knows another placement version.
 const MOVED: &str = "partitions moved";
 /// A run of at most [`INLINE_APPLY_MAX_COMMITS`] commits, or of commits
@@ -158,6 +153,11 @@ const MOVED: &str = "partitions moved";
 /// docs/decisions.md, "Less CPU per commit").
 const INLINE_APPLY_MAX_COMMITS: usize = 8;
 const INLINE_APPLY_MAX_WRITES: usize = 128;
+
+/// How long a key count that took `took` is shown before it is made again.
+fn key_count_kept_for(took: Duration) -> Duration {
+    KEY_COUNT_AGE.max(took * KEY_COUNT_COST_FACTOR)
+}
 
 struct Node {
     id: u64,
