@@ -18,8 +18,15 @@
 //!   [`Incarnation`] this replica follows). Directories written before the
 //!   applied index moved to `data` may still hold an `applied_index` here;
 //!   it is read as a fallback.
-//! * `data`: key -> 8-byte big-endian version ++ value bytes, and under the
-//!   empty key (which no client key can be) the applied index.
+//! * `datalog`: 8-byte big-endian sequence number -> one change to the data
+//!   (a run of applied commits with its writes, an install's chunk, the
+//!   applied index set), since the newest checkpoint. The data itself is a
+//!   map in memory; `data.checkpoint` in the data dir holds it as of a
+//!   point in that log ([`data`] has the invariants and the file format).
+//!   Directories written before this keep the data in a sled tree `data`
+//!   (key -> 8-byte big-endian version ++ value, the applied index under
+//!   the empty key); opening one writes it into a checkpoint and drops the
+//!   tree.
 //! * `wal`: 8-byte big-endian sequence number -> bincode [`WalEntry`]: the
 //!   PREPARED records of one PREPARE batch, written with one insert however
 //!   many transactions it carries, or the ids of transactions whose records
@@ -36,21 +43,20 @@
 //!   entry.
 //!
 //! Applying commits is two steps ([`ReplicaStore::apply_data`], then
-//! [`ReplicaStore::retire`]): an `applying` mark in `meta` (the run's last
-//! index), the data writes in order and the new applied index, as plain
-//! sled writes; then the removal of the WAL records. sled recovers a prefix
-//! of its log, so a crash can leave part of a run's data with the applied
-//! index before it: the mark, written first, is then above the applied
-//! index, and the replica treats its data as no state of the cluster
-//! ([`ReplicaStore::consistent_from`]) until it has applied the run again
-//! (idempotent: a value carries its commit index). The applied index never
-//! runs ahead of the data. A crash between the two steps leaves records of
-//! transactions already applied; they are in doubt after the restart, the
-//! coordinator answers "committed at index i" with i at or below the
-//! applied index, and the replica drops them then (see
-//! `ReplicaCore::commit`). (Earlier versions used one sled transaction over
-//! three trees, then one sled batch; see docs/decisions.md for what each
-//! cost.)
+//! [`ReplicaStore::retire`]): one `datalog` record holding the run's writes
+//! and its last index (the new applied index), then the removal of the WAL
+//! records. sled recovers a prefix of its log, so a crash keeps the whole
+//! run or none of it, and keeps the WAL removal only with the run. A crash
+//! between the two steps leaves records of transactions already applied;
+//! they are in doubt after the restart, the coordinator answers "committed
+//! at index i" with i at or below the applied index, and the replica drops
+//! them then (see `ReplicaCore::commit`). Versions before the data log
+//! wrote a run key by key into the `data` tree after an `applying` mark in
+//! `meta` (the run's last index); a crash could keep part of it, and a mark
+//! above the applied index still means the data is no state of the cluster
+//! ([`ReplicaStore::consistent_from`]) until the run is applied again.
+//! (Earlier still: one sled transaction over three trees, then one sled
+//! batch per apply; see docs/decisions.md for what each cost.)
 //!
 //! ## Coordinator layout
 //! * `treaty-coordinator.id` (a plain file beside sled's): the cluster id and
@@ -77,6 +83,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
@@ -90,7 +97,10 @@ use treaty_core::types::{RangeEntry, RangePage, RangeRequest, TxnId, Versioned, 
 use treaty_core::{Error, Result};
 
 pub mod alloc;
+mod data;
 pub mod files;
+
+use data::{Data, Key, RecordOut};
 
 /// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
 trait Db<T> {
@@ -103,10 +113,11 @@ impl<T> Db<T> for std::result::Result<T, sled::Error> {
     }
 }
 
-/// Where `data` keeps the applied index: no client key is empty.
+/// Where the `data` tree of versions before the data log kept the applied
+/// index: no client key is empty.
 const APPLIED_KEY: &[u8] = b"";
-/// `meta` key: the last index of the apply in progress (see
-/// [`ReplicaStore::apply_data`]).
+/// `meta` key of versions before the data log: the last index of the apply
+/// in progress (see the module docs).
 const APPLYING: &str = "applying";
 
 /// sled's page cache for a participant: its reads are served from here
@@ -135,6 +146,7 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T> {
     bincode::deserialize(bytes).map_err(|e| Error::Storage(format!("corrupt {what} record: {e}")))
 }
 
+#[cfg(test)]
 fn encode_versioned(index: u64, value: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(8 + value.len());
     buf.extend_from_slice(&index.to_be_bytes());
@@ -228,14 +240,19 @@ pub struct ReplicaStore {
     db: sled::Db,
     /// Where sled's files are (the data dir or a subdirectory, see [`files`]).
     files: PathBuf,
+    /// The data dir (where checkpoints are).
+    dir: PathBuf,
     meta: sled::Tree,
-    data: sled::Tree,
     wal: sled::Tree,
     wal_index: Arc<Mutex<WalIndex>>,
-    /// Held for writing while a run of commits is applied, for reading
-    /// while a range page or a stale key is read: neither ever shows part
-    /// of a run (an apply is a sequence of plain sled writes).
-    gate: Arc<RwLock<()>>,
+    /// Every change to the data, in order, since the newest checkpoint
+    /// ([`data`] has the invariants).
+    datalog: sled::Tree,
+    /// The data, in memory. Held for writing while a change is logged and
+    /// made, so no reader sees part of one.
+    state: Arc<RwLock<Data>>,
+    /// Held while a checkpoint is written (one at a time).
+    checkpoint_lock: Arc<Mutex<()>>,
 }
 
 impl ReplicaStore {
@@ -269,7 +286,147 @@ impl ReplicaStore {
         }
         let wal = db.open_tree("wal").db()?;
         let wal_index = Arc::new(Mutex::new(WalIndex::open(&wal)?));
-        Ok(ReplicaStore { data: db.open_tree("data").db()?, wal, wal_index, meta, files, db, gate: Arc::default() })
+        let datalog = db.open_tree("datalog").db()?;
+        let _ = std::fs::remove_file(dir.join(data::CHECKPOINT_TMP));
+        let (state, migrated) = match data::read(&dir.join(data::CHECKPOINT))? {
+            Some(state) => {
+                if db.tree_names().iter().any(|n| n.as_ref() == b"data") {
+                    // Converted already; a crash came before the old tree went.
+                    db.drop_tree("data").db()?;
+                }
+                (state, false)
+            }
+            None => Self::data_of_the_sled_layout(&db, &meta)?,
+        };
+        let store = ReplicaStore {
+            dir: dir.to_path_buf(),
+            wal,
+            wal_index,
+            datalog,
+            state: Arc::new(RwLock::new(state)),
+            checkpoint_lock: Arc::default(),
+            meta,
+            files,
+            db,
+        };
+        store.replay()?;
+        if migrated {
+            // Data written by a version that kept it in a sled tree: now in
+            // a checkpoint, and the tree goes.
+            store.checkpoint()?;
+            store.db.drop_tree("data").db()?;
+            store.db.flush().db()?;
+        }
+        Ok(store)
+    }
+
+    /// The data as a version before the data log kept it (a sled tree
+    /// `data`: key -> version ++ value, and the applied index under the
+    /// empty key, or in `meta` before that); empty for a new store. Says
+    /// whether there was any.
+    fn data_of_the_sled_layout(db: &sled::Db, meta: &sled::Tree) -> Result<(Data, bool)> {
+        let mut applied = u64_at(meta, "applied_index")?.unwrap_or(0);
+        let mut state = Data::new(0, 0);
+        let mut found = false;
+        if db.tree_names().iter().any(|n| n.as_ref() == b"data") {
+            let tree = db.open_tree("data").db()?;
+            for item in tree.iter() {
+                let (key, stored) = item.db()?;
+                found = true;
+                if key.as_ref() == APPLIED_KEY {
+                    applied = u64::from_be_bytes(stored.as_ref().try_into().expect("8-byte applied index"));
+                } else {
+                    let Versioned { value, version } = decode_versioned(&stored);
+                    state.put(&key, version, &value);
+                }
+            }
+        }
+        state.applied = applied;
+        Ok((state, found))
+    }
+
+    /// Replays the data log from the checkpoint's sequence number on.
+    fn replay(&self) -> Result<()> {
+        let mut state = self.write_state();
+        let from = state.next_seq;
+        for item in self.datalog.range(from.to_be_bytes()..) {
+            let (key, record) = item.db()?;
+            state.replay(&record)?;
+            state.logged += record.len() as u64;
+            state.next_seq = u64::from_be_bytes(key.as_ref().try_into().expect("8-byte sequence number")) + 1;
+        }
+        Ok(())
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, Data> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, Data> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Logs one change (under the state's write lock, before it is made);
+    /// starts a checkpoint in the background when one is due.
+    fn log_change(&self, state: &mut Data, record: &RecordOut) -> Result<()> {
+        let bytes = record.encode();
+        self.datalog.insert(state.next_seq.to_be_bytes(), bytes.as_slice()).db()?;
+        state.next_seq += 1;
+        if state.logged(bytes.len()) {
+            let store = self.clone();
+            std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || {
+                    if let Err(e) = store.checkpoint() {
+                        tracing::error!(error = %e, "writing a data checkpoint failed; the data log keeps growing until one succeeds");
+                        store.write_state().checkpointing = false;
+                    }
+                })
+                .map_err(|e| Error::Storage(format!("cannot start a checkpoint thread: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the data (see [`data`]), then removes the
+    /// log records it covers. Applies go on meanwhile.
+    pub fn checkpoint(&self) -> Result<u64> {
+        let _one = self.checkpoint_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (seq, applied, logged) = {
+            let mut state = self.write_state();
+            state.checkpointing = true;
+            (state.next_seq, state.applied, state.logged)
+        };
+        let tmp = self.dir.join(data::CHECKPOINT_TMP);
+        let count = data::write(&tmp, seq, applied, |after| {
+            let state = self.read_state();
+            let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+            state.range(start, None).take(4096).map(|(k, (version, v))| (k.clone(), *version, v.clone())).collect()
+        })?;
+        // Every record the scan may have seen is durable before the file counts.
+        self.durability()?.sync()?;
+        let path = self.dir.join(data::CHECKPOINT);
+        std::fs::rename(&tmp, &path).map_err(|e| Error::Storage(format!("cannot rename {}: {e}", tmp.display())))?;
+        files::sync_dir(&self.dir)?;
+        fail::fail_point!("storage::after_checkpoint", |_| {
+            files::crash("storage::after_checkpoint")
+        });
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for key in self.datalog.range(..seq.to_be_bytes()).keys().take(1024) {
+                batch.remove(key.db()?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.datalog.apply_batch(batch).db()?;
+        }
+        let mut state = self.write_state();
+        state.logged -= logged;
+        state.checkpointing = false;
+        tracing::debug!(keys = count, seq, "data checkpoint written");
+        Ok(count)
     }
 
     pub fn durability(&self) -> Result<Durability> {
@@ -318,19 +475,14 @@ impl ReplicaStore {
 
     /// The index of the last commit applied here (0 if none).
     pub fn applied_index(&self) -> Result<u64> {
-        if let Some(v) = self.data.get(APPLIED_KEY).db()? {
-            return Ok(u64::from_be_bytes(v.as_ref().try_into().expect("8-byte applied index")));
-        }
-        Ok(u64_at(&self.meta, "applied_index")?.unwrap_or(0))
+        Ok(self.read_state().applied)
     }
 
     /// A key's value and version. The empty key is no client key (it holds
     /// the applied index) and reads as missing.
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        if key == APPLIED_KEY {
-            return Ok(None);
-        }
-        Ok(self.data.get(key).db()?.map(|v| decode_versioned(&v)))
+        let state = self.read_state();
+        Ok(state.map.get(key).map(|(version, value)| Versioned { value: value.clone(), version: *version }))
     }
 
     /// [`get`](Self::get) between applies, never in the middle of one: a
@@ -339,13 +491,12 @@ impl ReplicaStore {
     /// after read. (A linearizable read waits until the key is not held,
     /// which it is until its apply has ended.)
     pub fn get_between_applies(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         self.get(key)
     }
 
-    /// How many keys are stored (counts them: O(keys), for status only).
+    /// How many keys are stored.
     pub fn key_count(&self) -> u64 {
-        self.data.iter().keys().filter(|k| k.as_ref().is_ok_and(|k| k.as_ref() != APPLIED_KEY)).count() as u64
+        self.read_state().map.len() as u64
     }
 
     /// One page of a range read (the request must have passed
@@ -360,28 +511,29 @@ impl ReplicaStore {
     /// `keep` accepts (a participant's share of a page read across
     /// partitions).
     pub fn range_where(&self, req: &RangeRequest, keep: impl Fn(&[u8]) -> bool) -> Result<RangePage> {
-        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut page = RangePage { index: self.applied_index()?, ..Default::default() };
+        let state = self.read_state();
+        let mut page = RangePage { index: state.applied, ..Default::default() };
         let iter = match &req.end {
             Some(end) if end.as_slice() <= req.start.as_slice() => return Ok(page),
-            Some(end) => self.data.range(req.start.as_slice()..end.as_slice()),
-            None => self.data.range(req.start.as_slice()..),
+            end => state.range(Bound::Included(&req.start), end.as_deref()),
         };
         let mut bytes = 0;
-        for item in iter {
-            let (key, stored) = item.db()?;
-            if key.as_ref() == APPLIED_KEY || !keep(&key) {
+        for (key, (version, value)) in iter {
+            if !keep(key) {
                 continue;
             }
-            let size = key.len() + if req.keys_only { 8 } else { stored.len() };
+            let size = key.len() + 8 + if req.keys_only { 0 } else { value.len() };
             if page.entries.len() >= req.limit as usize || (!page.entries.is_empty() && bytes + size > RANGE_PAGE_BYTES)
             {
-                page.next = Some(key.to_vec());
+                page.next = Some(key.clone());
                 break;
             }
             bytes += size;
-            let Versioned { value, version } = decode_versioned(if req.keys_only { &stored[..8] } else { &stored });
-            page.entries.push(RangeEntry { key: key.to_vec(), version, value: (!req.keys_only).then_some(value) });
+            page.entries.push(RangeEntry {
+                key: key.clone(),
+                version: *version,
+                value: (!req.keys_only).then(|| value.clone()),
+            });
         }
         Ok(page)
     }
@@ -434,45 +586,23 @@ impl ReplicaStore {
         self.retire(entries)
     }
 
-    /// Writes committed transactions' data, then the new applied index
-    /// (their WAL records stay until [`retire`](Self::retire)). Plain sled
-    /// operations in order, not a sled batch: a batch makes sled seal and
-    /// write out two extra log buffers (`pin_log`), which cost more than
-    /// the writes. sled recovers a prefix of its log, so a crash keeps the
-    /// `applying` mark (written first), some of the data, and the applied
-    /// index only if all of the data: a restarted replica whose mark is
-    /// above its applied index may hold part of those commits, and
-    /// [`consistent_from`](Self::consistent_from) says so until it has
-    /// applied them again (the writes are idempotent: values carry their
-    /// commit index). While it runs, the gate keeps range pages and stale
-    /// reads from seeing part of it.
+    /// Writes committed transactions' data and the new applied index as
+    /// one record of the data log, then in memory (their WAL records stay
+    /// until [`retire`](Self::retire)). One sled insert however many keys
+    /// the run writes (see [`data`]); a crash keeps all of it or none.
     pub fn apply_data(&self, entries: &[ApplyEntry]) -> Result<()> {
         let Some(last) = entries.last() else {
             return Ok(());
         };
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        self.meta.insert(APPLYING, &last.index.to_be_bytes()).db()?;
-        let mut first = true;
-        for e in entries {
-            for w in e.writes.iter() {
-                match w {
-                    Write::Put(k, v) => {
-                        self.data.insert(k.as_slice(), encode_versioned(e.index, v)).db()?;
-                    }
-                    Write::Delete(k) => {
-                        self.data.remove(k.as_slice()).db()?;
-                    }
-                }
-                if std::mem::take(&mut first) {
-                    // Test-only: a crash with part of the data written.
-                    fail::fail_point!("storage::mid_apply_data", |_| {
-                        let _ = self.db.flush();
-                        files::crash("storage::mid_apply_data")
-                    });
-                }
-            }
-        }
-        self.data.insert(APPLIED_KEY, &last.index.to_be_bytes()).db()?;
+        let runs: Vec<(u64, &[Write])> = entries.iter().map(|e| (e.index, e.writes.as_slice())).collect();
+        let mut state = self.write_state();
+        self.log_change(&mut state, &RecordOut::Apply { last: last.index, runs: runs.clone() })?;
+        // Test-only: a crash with the run logged and not yet in memory.
+        fail::fail_point!("storage::mid_apply_data", |_| {
+            let _ = self.db.flush();
+            files::crash("storage::mid_apply_data")
+        });
+        state.apply(runs, last.index);
         Ok(())
     }
 
@@ -489,7 +619,7 @@ impl ReplicaStore {
         let install = Install { low: u64::MAX, high: 0, group: 0, next: Vec::new() };
         self.meta.insert("install", encode(&install)).db()?;
         self.meta.remove("applied_index").db()?;
-        self.data.remove(APPLIED_KEY).db()?;
+        self.set_applied(0)?;
         self.db.flush().db()?;
         Ok(install)
     }
@@ -523,25 +653,23 @@ impl ReplicaStore {
         max: usize,
         drop: impl Fn(&[u8]) -> bool,
     ) -> Result<(u64, Option<Vec<u8>>)> {
-        let mut batch = sled::Batch::default();
-        let mut deleted = 0;
+        let mut state = self.write_state();
+        let mut removed = Vec::new();
         let mut next = None;
-        for (seen, item) in self.data.range(start..).keys().enumerate() {
-            let key = item.db()?;
+        for (seen, key) in state.range(Bound::Included(start), None).map(|(k, _)| k).enumerate() {
             if seen >= max {
-                next = Some(key.to_vec());
+                next = Some(key.clone());
                 break;
             }
-            if key.as_ref() != APPLIED_KEY && drop(&key) {
-                batch.remove(key);
-                deleted += 1;
+            if drop(key) {
+                removed.push(Key(key.clone()));
             }
         }
-        if deleted > 0 {
-            let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
-            self.data.apply_batch(batch).db()?;
+        if !removed.is_empty() {
+            self.log_change(&mut state, &RecordOut::Replace { removed: &removed, stored: &[] })?;
+            state.replace(&removed, &[])?;
         }
-        Ok((deleted, next))
+        Ok((removed.len() as u64, next))
     }
 
     /// Makes the keys `keep` accepts in `[start, end)` exactly `entries`,
@@ -555,24 +683,24 @@ impl ReplicaStore {
         entries: &[RangeEntry],
         keep: impl Fn(&[u8]) -> bool,
     ) -> Result<()> {
+        if entries.iter().any(|e| e.value.is_none()) {
+            return Err(Error::Storage("a snapshot chunk without values".into()));
+        }
         let incoming: HashSet<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
-        let mut batch = sled::Batch::default();
-        let local = match end {
-            Some(end) => self.data.range(start..end),
-            None => self.data.range(start..),
-        };
-        for item in local.keys() {
-            let key = item.db()?;
-            if key.as_ref() != APPLIED_KEY && keep(&key) && !incoming.contains(key.as_ref()) {
-                batch.remove(key);
-            }
-        }
-        for e in entries {
-            let value = e.value.as_deref().ok_or_else(|| Error::Storage("a snapshot chunk without values".into()))?;
-            batch.insert(e.key.as_slice(), encode_versioned(e.version, value));
-        }
-        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        self.data.apply_batch(batch).db()
+        let mut state = self.write_state();
+        let local = state.range(Bound::Included(start), end);
+        let removed: Vec<Key> =
+            local.map(|(k, _)| k).filter(|k| keep(k) && !incoming.contains(k.as_slice())).map(|k| Key(k.clone())).collect();
+        self.log_change(&mut state, &RecordOut::Replace { removed: &removed, stored: entries })?;
+        state.replace(&removed, entries)
+    }
+
+    /// Sets the applied index (installs), logged like any change.
+    fn set_applied(&self, index: u64) -> Result<()> {
+        let mut state = self.write_state();
+        self.log_change(&mut state, &RecordOut::Applied(index))?;
+        state.applied = index;
+        Ok(())
     }
 
     /// Ends an install: the data is now the replica's state as of
@@ -583,7 +711,7 @@ impl ReplicaStore {
     pub fn finish_install(&self, install: &Install) -> Result<()> {
         let low = if install.low == u64::MAX { 0 } else { install.low };
         self.meta.insert("consistent_from", &install.high.max(low).to_be_bytes()).db()?;
-        self.data.insert(APPLIED_KEY, &low.to_be_bytes()).db()?;
+        self.set_applied(low)?;
         self.meta.remove("install").db()?;
         self.db.flush().db()?;
         Ok(())
@@ -1308,9 +1436,12 @@ mod tests {
             writes: vec![Write::Put(b"k".to_vec(), b"v".to_vec())].into(),
         };
         {
+            // A directory from before the applied index moved to `data` keeps it in `meta`.
             let s = ReplicaStore::open(dir.path(), 1).unwrap();
-            // A directory from before the move keeps its index in `meta`.
             s.meta.insert("applied_index", &4u64.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+            drop(s);
+            let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
             assert_eq!(s.applied_index().unwrap(), 4);
             s.log_prepared(std::slice::from_ref(&rec)).unwrap();
             // A crash between apply's two writes: the data and index only.
@@ -1324,23 +1455,31 @@ mod tests {
         assert_eq!(s.prepared().unwrap(), vec![rec], "the record outlives a half-done apply");
     }
 
-    /// A crash in the middle of an apply can keep part of its data without
-    /// its applied index (sled keeps a prefix of the writes): the store
-    /// then says its data is no state of the cluster until the run is
-    /// applied again, and the second apply gives exactly the right data.
+    /// A directory written before the data log, by a version whose crash
+    /// in the middle of an apply kept part of its data without its applied
+    /// index: opening it moves the data into a checkpoint, the store says
+    /// its data is no state of the cluster until the run is applied again,
+    /// and the second apply gives exactly the right data.
     #[test]
-    fn a_torn_apply_is_reported_until_it_is_applied_again() {
+    fn a_torn_apply_of_the_sled_layout_is_reported_until_it_is_applied_again() {
         let dir = tempfile::tempdir().unwrap();
-        let s = ReplicaStore::open(dir.path(), 1).unwrap();
-        put_all(&s, 1, &[(b"a", b"1"), (b"b", b"1")]);
-        assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (1, 0));
-        // What a crash after the first write of the run through index 3 keeps.
-        s.meta.insert(APPLYING, &3u64.to_be_bytes()).unwrap();
-        s.data.insert(b"a", encode_versioned(3, b"3")).unwrap();
-        s.flush().unwrap();
-        let s = restarted(s, dir.path());
+        {
+            let s = ReplicaStore::open(dir.path(), 1).unwrap();
+            let old = s.db.open_tree("data").unwrap();
+            old.insert(b"a", encode_versioned(3, b"3")).unwrap();
+            old.insert(b"b", encode_versioned(1, b"1")).unwrap();
+            old.insert(APPLIED_KEY, &1u64.to_be_bytes()).unwrap();
+            s.meta.insert(APPLYING, &3u64.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
+        assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"data"), "the old tree is dropped once converted");
+        assert!(dir.path().join(data::CHECKPOINT).exists());
         assert_eq!(s.applied_index().unwrap(), 1);
+        assert_eq!(s.key_count(), 2);
         assert_eq!(s.consistent_from().unwrap(), 3, "part of index 3 is here: not one state until it is applied");
+        let s = restarted(s, dir.path());
+        assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (1, 3), "the checkpoint holds it");
         let run = [
             ApplyEntry { index: 2, txn_id: TxnId(2), writes: vec![Write::Delete(b"b".to_vec())].into() },
             ApplyEntry {

@@ -89,7 +89,7 @@ fn remove(path: &Path) -> Result<()> {
     }
 }
 
-fn sync_dir(path: &Path) -> Result<()> {
+pub(crate) fn sync_dir(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io("sync", path))
 }
 
