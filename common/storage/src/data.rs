@@ -37,9 +37,9 @@
 //! synced, renamed.
 
 use std::collections::{btree_map, BTreeMap};
-use std::ops::Bound;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write as _};
+use std::ops::Bound;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};

@@ -407,9 +407,7 @@ impl ReplicaStore {
         let path = self.dir.join(data::CHECKPOINT);
         std::fs::rename(&tmp, &path).map_err(|e| Error::Storage(format!("cannot rename {}: {e}", tmp.display())))?;
         files::sync_dir(&self.dir)?;
-        fail::fail_point!("storage::after_checkpoint", |_| {
-            files::crash("storage::after_checkpoint")
-        });
+        fail::fail_point!("storage::after_checkpoint", |_| { files::crash("storage::after_checkpoint") });
         loop {
             let mut batch = sled::Batch::default();
             let mut n = 0;
@@ -689,8 +687,11 @@ impl ReplicaStore {
         let incoming: HashSet<&[u8]> = entries.iter().map(|e| e.key.as_slice()).collect();
         let mut state = self.write_state();
         let local = state.range(Bound::Included(start), end);
-        let removed: Vec<Key> =
-            local.map(|(k, _)| k).filter(|k| keep(k) && !incoming.contains(k.as_slice())).map(|k| Key(k.clone())).collect();
+        let removed: Vec<Key> = local
+            .map(|(k, _)| k)
+            .filter(|k| keep(k) && !incoming.contains(k.as_slice()))
+            .map(|k| Key(k.clone()))
+            .collect();
         self.log_change(&mut state, &RecordOut::Replace { removed: &removed, stored: entries })?;
         state.replace(&removed, entries)
     }
