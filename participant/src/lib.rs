@@ -130,19 +130,11 @@ const RANGE_ROUNDS: usize = 8;
 const SNAPSHOT_WHEN_EMPTY: u64 = 1_000;
 /// Keys per snapshot chunk at most (and about `RANGE_PAGE_BYTES`).
 const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
-/// Status shows a key count at most this old (counting reads every key;
-/// health checks ask every second), or older when counting is slow: see
-/// [`key_count_kept_for`].
-const KEY_COUNT_AGE: Duration = Duration::from_secs(2);
-/// A count that took `t` is kept for at least this many times `t`, so that
-/// counting takes at most this fraction of a core however many keys there
-/// are (10 million keys take seconds to count).
-const KEY_COUNT_COST_FACTOR: u32 = 20;
 /// In the refusals of an asker that knows another placement version.
 const MOVED: &str = "partitions moved";
 /// A run of at most [`INLINE_APPLY_MAX_COMMITS`] commits, or of commits
-/// writing at most [`INLINE_APPLY_MAX_WRITES`] keys (about a millisecond of
-/// sled writes, a run's worth at 64 clients), is applied on the worker
+/// writing at most [`INLINE_APPLY_MAX_WRITES`] keys (a run's worth at 64
+/// clients), is applied on the worker
 /// itself; a longer one on the blocking pool, so that the node's one worker
 /// keeps serving meanwhile. Handing a run over costs two context switches
 /// per apply, which is more than a short run's writes.
@@ -154,10 +146,6 @@ const MOVED: &str = "partitions moved";
 const INLINE_APPLY_MAX_COMMITS: usize = 8;
 const INLINE_APPLY_MAX_WRITES: usize = 128;
 
-/// How long a key count that took `took` is shown before it is made again.
-fn key_count_kept_for(took: Duration) -> Duration {
-    KEY_COUNT_AGE.max(took * KEY_COUNT_COST_FACTOR)
-}
 
 struct Node {
     id: u64,
@@ -185,9 +173,6 @@ struct Node {
     security: Security,
     /// Keys written by recent commits (kept while keys are partitioned).
     recent: Mutex<RecentWrites>,
-    /// The last key count: when it expires, and the count (see
-    /// [`Node::key_count`]).
-    keys: tokio::sync::Mutex<Option<(Instant, u64)>>,
     applied_count: AtomicU64,
     /// Write-path RPCs (see [`NodeStatus::rpcs`]).
     rpcs: AtomicU64,
@@ -809,26 +794,9 @@ impl Node {
         }
     }
 
-    /// How many keys this replica stores, counted at most every
-    /// [`key_count_kept_for`] (counting reads every key: off the async
-    /// workers, and without the locks the write path needs).
-    async fn key_count(&self) -> u64 {
-        let mut cached = self.keys.lock().await;
-        if let Some((expires, count)) = *cached {
-            if Instant::now() < expires {
-                return count;
-            }
-        }
-        let store = self.store.clone();
-        let started = Instant::now();
-        let count = tokio::task::spawn_blocking(move || store.key_count()).await.unwrap_or(0);
-        let done = Instant::now();
-        *cached = Some((done + key_count_kept_for(done - started), count));
-        count
-    }
-
-    /// This node's status, with `keys` as [`Node::key_count`] gave it.
-    fn status(&self, keys: u64) -> NodeStatus {
+    /// This node's status.
+    fn status(&self) -> NodeStatus {
+        let keys = self.store.key_count();
         let standing = self.standing.lock().unwrap();
         let core = self.core.lock().unwrap();
         let tick_ms = self.tick.as_millis() as u64;
@@ -1510,8 +1478,7 @@ impl ParticipantService for Server {
     }
 
     async fn node_status(self, _: Context) -> NodeStatus {
-        let keys = self.node.key_count().await;
-        self.node.status(keys)
+        self.node.status()
     }
 
     async fn txn_outcome(self, _: Context, txn_id: TxnId) -> Result<Outcome> {
@@ -1633,7 +1600,6 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
         peers: Mutex::new(BTreeMap::new()),
         security: config.security.clone(),
         recent: Mutex::new(RecentWrites::new(RECENT_WRITES, applied)),
-        keys: tokio::sync::Mutex::new(None),
         applied_count: AtomicU64::new(0),
         rpcs: AtomicU64::new(0),
         tick: config.tick,
@@ -1711,16 +1677,4 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     node.store.flush()?;
     info!(id = config.id, "participant stopped");
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_slow_key_count_is_made_less_often() {
-        assert_eq!(key_count_kept_for(Duration::from_millis(10)), KEY_COUNT_AGE);
-        assert_eq!(key_count_kept_for(Duration::from_millis(100)), KEY_COUNT_AGE);
-        assert_eq!(key_count_kept_for(Duration::from_secs(3)), Duration::from_secs(60));
-    }
 }

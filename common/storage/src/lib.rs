@@ -120,10 +120,12 @@ const APPLIED_KEY: &[u8] = b"";
 /// in progress (see the module docs).
 const APPLYING: &str = "applying";
 
-/// sled's page cache for a participant: its reads are served from here
-/// first, so it is the larger (sled's default is 1 GiB per process; see
-/// docs/decisions.md "sled's settings").
-pub const REPLICA_CACHE_BYTES: u64 = 128 * 1024 * 1024;
+/// sled's page cache for a participant: it holds the WAL and the data log,
+/// read back only at a restart (reads are served from memory; sled's
+/// default is 1 GiB per process; see docs/decisions.md "sled's settings").
+pub const REPLICA_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// How long after a failed checkpoint the next one may start.
+const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 /// sled's page cache for the coordinator: it writes its log and reads back
 /// only recent entries (catch-up) and decisions (retries).
 pub const COORDINATOR_CACHE_BYTES: u64 = 32 * 1024 * 1024;
@@ -378,7 +380,12 @@ impl ReplicaStore {
                 .name("checkpoint".into())
                 .spawn(move || {
                     if let Err(e) = store.checkpoint() {
-                        tracing::error!(error = %e, "writing a data checkpoint failed; the data log keeps growing until one succeeds");
+                        tracing::error!(
+                            error = %e,
+                            "writing a data checkpoint failed (is the disk full?); the data log keeps growing, \
+                             and the next try is in {CHECKPOINT_RETRY:?}"
+                        );
+                        std::thread::sleep(CHECKPOINT_RETRY);
                         store.write_state().checkpointing = false;
                     }
                 })
