@@ -146,7 +146,6 @@ const MOVED: &str = "partitions moved";
 const INLINE_APPLY_MAX_COMMITS: usize = 8;
 const INLINE_APPLY_MAX_WRITES: usize = 128;
 
-
 struct Node {
     id: u64,
     addr: String,

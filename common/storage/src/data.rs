@@ -56,7 +56,9 @@ const END: u32 = u32::MAX;
 /// A checkpoint is started once the records logged since the last one
 /// reach this many bytes, or the live data's size if that is larger (so
 /// checkpoints write at most about as many bytes as the log, and a restart
-/// replays at most about the data's size).
+/// replays at most about the data's size), times a random factor from 1 to
+/// 1.5 drawn for each checkpoint: replicas log the same bytes, and without
+/// it all of them would write their checkpoints at the same moment.
 pub(crate) const CHECKPOINT_MIN_BYTES: u64 = 32 << 20;
 
 /// The map, and where the log stands.
@@ -75,6 +77,8 @@ pub(crate) struct Data {
     pub checkpointing: bool,
     /// [`CHECKPOINT_MIN_BYTES`] (tests lower it).
     pub checkpoint_min: u64,
+    /// This checkpoint's random factor, in percent (100 to 150).
+    pub jitter: u64,
 }
 
 impl Data {
@@ -87,6 +91,7 @@ impl Data {
             logged: 0,
             checkpointing: false,
             checkpoint_min: CHECKPOINT_MIN_BYTES,
+            jitter: Self::jitter(),
         }
     }
 
@@ -155,9 +160,17 @@ impl Data {
     /// then marks one as started).
     pub fn logged(&mut self, bytes: usize) -> bool {
         self.logged += bytes as u64;
-        let due = !self.checkpointing && self.logged >= self.checkpoint_min.max(self.bytes);
-        self.checkpointing |= due;
+        let threshold = self.checkpoint_min.max(self.bytes).saturating_mul(self.jitter) / 100;
+        let due = !self.checkpointing && self.logged >= threshold;
+        if due {
+            self.checkpointing = true;
+            self.jitter = Self::jitter();
+        }
         due
+    }
+
+    fn jitter() -> u64 {
+        rand::random::<u64>() % 51 + 100
     }
 }
 
@@ -212,6 +225,7 @@ pub(crate) fn write(
     put(&mut out, &seq.to_le_bytes())?;
     put(&mut out, &applied.to_le_bytes())?;
     let mut count = 0u64;
+    let mut written = WriteBack::default();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let chunk = chunks(after.as_deref());
@@ -225,6 +239,8 @@ pub(crate) fn write(
             put(&mut out, value)?;
         }
         count += chunk.len() as u64;
+        out.inner.flush().map_err(io("write", tmp))?;
+        written.write_back(out.inner.get_ref());
     }
     put(&mut out, &END.to_le_bytes())?;
     put(&mut out, &count.to_le_bytes())?;
@@ -233,6 +249,47 @@ pub(crate) fn write(
     file.write_all(&crc.to_le_bytes()).map_err(io("write", tmp))?;
     file.sync_all().map_err(io("sync", tmp))?;
     Ok(count)
+}
+
+/// Hands a file's written bytes to the disk a few MiB at a time while it is
+/// written, waiting for the previous piece, so that its final sync has
+/// little left to do: one sync of the whole file held the disk for long
+/// enough to delay the votes' syncs behind it.
+#[derive(Default)]
+struct WriteBack {
+    /// Bytes handed to the disk so far, and the end of the piece before.
+    started: u64,
+    waited: u64,
+}
+
+impl WriteBack {
+    const PIECE: u64 = 4 << 20;
+
+    fn write_back(&mut self, file: &File) {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = file.metadata().map(|m| m.len()) else { return };
+        if len < self.started + Self::PIECE {
+            return;
+        }
+        // Advisory: errors only lose the smoothing, the final sync decides.
+        unsafe {
+            if self.started > self.waited {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    self.waited as i64,
+                    (self.started - self.waited) as i64,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                self.started as i64,
+                (len - self.started) as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        (self.waited, self.started) = (self.started, len);
+    }
 }
 
 /// Reads the checkpoint at `path`, if there is one: its data, with

@@ -379,6 +379,9 @@ impl ReplicaStore {
             std::thread::Builder::new()
                 .name("checkpoint".into())
                 .spawn(move || {
+                    // Background work: the node's worker comes first (nice 10;
+                    // failing to set it only loses that).
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as u32, 10) };
                     if let Err(e) = store.checkpoint() {
                         tracing::error!(
                             error = %e,

@@ -84,7 +84,7 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let mut s = ReplicaStore::open(dir.path(), 1).unwrap();
-        // With a tiny threshold every change starts a background checkpoint.
+        // With a tiny threshold checkpoints start in the background as changes go on.
         let min = if background { 1 } else { u64::MAX };
         s.write_state().checkpoint_min = min;
         let mut model = Model::new();
