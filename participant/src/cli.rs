@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A Treaty replica: votes in two-phase commit, stores data and its WAL in
-/// sled, serves reads.
+/// A Treaty replica: votes in two-phase commit, keeps its data in memory
+/// over a write-ahead log and checkpoints, serves reads.
 #[derive(clap::Parser, Debug)]
 #[command(version, about)]
 pub struct Args {
@@ -23,6 +23,11 @@ pub struct Args {
     /// How long a write or read waits for a key held by a prepared transaction (ms).
     #[arg(long, env = "TREATY_LOCK_WAIT_MS", default_value_t = 2000)]
     pub lock_wait_ms: u64,
+    /// Bytes of data log after which the data in memory is written to a
+    /// checkpoint file and the log behind it removed (or the data's size,
+    /// if larger). A restart replays at most about this much log.
+    #[arg(long, env = "TREATY_CHECKPOINT_BYTES", default_value_t = treaty_storage::DEFAULT_CHECKPOINT_BYTES)]
+    pub checkpoint_bytes: u64,
     /// Also serve the Redis protocol (RESP2/RESP3) on this address, for
     /// redis-cli and Redis client libraries (TLS with a client certificate
     /// unless --insecure).
@@ -61,6 +66,7 @@ pub async fn main_with(args: Args) -> i32 {
     config.max_connections = args.security.max_connections;
     config.frame_timeout = Duration::from_millis(args.security.frame_timeout_ms.max(100));
     config.lock_wait = Duration::from_millis(args.lock_wait_ms);
+    config.checkpoint_bytes = args.checkpoint_bytes;
     config.redis = args.redis;
     config.metrics = args.security.metrics.clone();
     if let Err(e) = crate::run(listener, config, treaty_common::shutdown_signal()).await {

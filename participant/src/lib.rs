@@ -94,6 +94,9 @@ pub struct Config {
     pub redis: Option<String>,
     /// Where Prometheus metrics are served (`--metrics`), if anywhere.
     pub metrics: Option<String>,
+    /// Data log bytes that start a checkpoint of the data (or the data's
+    /// size, if larger; see `treaty_storage::DEFAULT_CHECKPOINT_BYTES`).
+    pub checkpoint_bytes: u64,
 }
 
 impl Config {
@@ -109,6 +112,7 @@ impl Config {
             frame_timeout: net::FRAME_TIMEOUT,
             redis: None,
             metrics: None,
+            checkpoint_bytes: treaty_storage::DEFAULT_CHECKPOINT_BYTES,
         }
     }
 }
@@ -1551,6 +1555,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Ou
     }
     let addr = listener.local_addr()?.to_string();
     let store = ReplicaStore::open(&config.data_dir, config.id)?;
+    store.set_checkpoint_bytes(config.checkpoint_bytes);
     let applied = store.applied_index()?;
     let prepared = store.prepared()?;
     let cluster = store.cluster()?;

@@ -171,38 +171,79 @@ crash_tests! {
     coordinator_crash_after_first_commit: 0, "coordinator::after_first_commit", Some(true);
 }
 
+/// What a client was told committed: key and commit index.
+type Acked = Vec<(Vec<u8>, u64)>;
+
+/// Four clients writing distinct keys through different endpoints until
+/// stopped, retrying what the faults make fail; each keeps what was
+/// acknowledged (key, commit index).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<Acked>>,
+}
+
+impl Load {
+    fn start(c: &Cluster) -> Load {
+        let endpoints = c.participant_addrs();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let eps: Vec<String> = endpoints.iter().cycle().skip(w).take(endpoints.len()).cloned().collect();
+            let stop = stop.clone();
+            let client = c.client_with(eps).with_timeout(Duration::from_secs(5));
+            writers.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..400u32 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("w{w}/{i}").into_bytes();
+                    match client.put(&key, &i.to_be_bytes()).await {
+                        Ok(c) => acked.push((key, c.index)),
+                        Err(Error::Unavailable(_))
+                        | Err(Error::NotCommitted(_))
+                        | Err(Error::NotReady(_))
+                        | Err(Error::Conflict(_))
+                        | Err(Error::InDoubt(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+                acked
+            }));
+        }
+        Load { stop, writers }
+    }
+
+    /// Stops the clients; checks that every acknowledged write is on every
+    /// replica, with its commit index as its version, and readable
+    /// linearizably through every endpoint.
+    async fn stop_and_check(self, c: &Cluster) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for w in self.writers {
+            acked.extend(w.await.unwrap());
+        }
+        assert!(acked.len() > 20, "load made too little progress: {} writes", acked.len());
+        c.wait_ready(Duration::from_secs(30)).await;
+        let keys: Vec<Vec<u8>> = acked.iter().map(|(k, _)| k.clone()).collect();
+        let values = c.assert_replicas_identical(&keys).await;
+        for ((k, index), v) in acked.iter().zip(values) {
+            let v = v.unwrap_or_else(|| panic!("acknowledged write {} lost", String::from_utf8_lossy(k)));
+            assert_eq!(v.1, *index, "version of {} is not its commit index", String::from_utf8_lossy(k));
+        }
+        for i in c.live() {
+            let v = c.client_for(i).get_with(&keys[0], ReadMode::Linearizable).await.unwrap();
+            assert!(v.is_some());
+        }
+    }
+}
+
 /// kill -9 a participant and then the coordinator in the middle of a
 /// concurrent load; every acknowledged write survives on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nodes_under_load_loses_no_acknowledged_write() {
     let mut c = Cluster::start(5).await;
-    let endpoints = c.participant_addrs();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let eps: Vec<String> = endpoints.iter().cycle().skip(w).take(endpoints.len()).cloned().collect();
-        let stop = stop.clone();
-        let client = c.client_with(eps).with_timeout(Duration::from_secs(5));
-        writers.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for i in 0..400u32 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let key = format!("w{w}/{i}").into_bytes();
-                match client.put(&key, &i.to_be_bytes()).await {
-                    Ok(c) => acked.push((key, c.index)),
-                    Err(Error::Unavailable(_))
-                    | Err(Error::NotCommitted(_))
-                    | Err(Error::NotReady(_))
-                    | Err(Error::Conflict(_))
-                    | Err(Error::InDoubt(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    Err(e) => panic!("unexpected error: {e}"),
-                }
-            }
-            acked
-        }));
-    }
+    let load = Load::start(&c);
     tokio::time::sleep(Duration::from_millis(400)).await;
     c.kill(3);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -212,23 +253,33 @@ async fn kill_nodes_under_load_loses_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.spawn(0, &[]);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for w in writers {
-        acked.extend(w.await.unwrap());
+    load.stop_and_check(&c).await;
+}
+
+/// kill -9 participants while they write checkpoints of their data (here
+/// one every 2 KiB of data log, so during every apply burst) and restart
+/// them from their checkpoint and log: every acknowledged write survives on
+/// every replica, and the checkpoints were really written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_participants_while_they_checkpoint_loses_no_acknowledged_write() {
+    let mut c = Cluster::new(5);
+    let env = [("TREATY_CHECKPOINT_BYTES", "2048")];
+    for i in 0..=5 {
+        c.spawn(i, &env);
     }
-    assert!(acked.len() > 20, "load made too little progress: {} writes", acked.len());
-    c.wait_ready(Duration::from_secs(30)).await;
-    let keys: Vec<Vec<u8>> = acked.iter().map(|(k, _)| k.clone()).collect();
-    let values = c.assert_replicas_identical(&keys).await;
-    for ((k, index), v) in acked.iter().zip(values) {
-        let v = v.unwrap_or_else(|| panic!("acknowledged write {} lost", String::from_utf8_lossy(k)));
-        assert_eq!(v.1, *index, "version of {} is not its commit index", String::from_utf8_lossy(k));
+    c.wait_ready(Duration::from_secs(20)).await;
+    let load = Load::start(&c);
+    for victim in [2, 4, 2, 5] {
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        c.kill(victim);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.spawn(victim, &env);
     }
-    // Linearizable reads agree too, through every endpoint.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    load.stop_and_check(&c).await;
     for i in 1..=5 {
-        let v = c.client_for(i).get_with(&keys[0], ReadMode::Linearizable).await.unwrap();
-        assert!(v.is_some());
+        let checkpoint = c.data_dir(i).join("data.checkpoint");
+        assert!(checkpoint.exists(), "participant {i} wrote no checkpoint ({})", checkpoint.display());
     }
 }
 

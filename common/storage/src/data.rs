@@ -59,7 +59,7 @@ const END: u32 = u32::MAX;
 /// replays at most about the data's size), times a random factor from 1 to
 /// 1.5 drawn for each checkpoint: replicas log the same bytes, and without
 /// it all of them would write their checkpoints at the same moment.
-pub(crate) const CHECKPOINT_MIN_BYTES: u64 = 32 << 20;
+pub const CHECKPOINT_MIN_BYTES: u64 = 32 << 20;
 
 /// The map, and where the log stands.
 #[derive(Debug)]

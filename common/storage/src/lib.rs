@@ -100,6 +100,7 @@ pub mod alloc;
 mod data;
 pub mod files;
 
+pub use data::CHECKPOINT_MIN_BYTES as DEFAULT_CHECKPOINT_BYTES;
 use data::{Data, Key, RecordOut};
 
 /// sled's errors as Treaty's (`Error::Storage`); the core knows no sled.
@@ -395,6 +396,12 @@ impl ReplicaStore {
                 .map_err(|e| Error::Storage(format!("cannot start a checkpoint thread: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Sets how many bytes of data log start a checkpoint (or the data's
+    /// size, if larger; see [`DEFAULT_CHECKPOINT_BYTES`]).
+    pub fn set_checkpoint_bytes(&self, bytes: u64) {
+        self.write_state().checkpoint_min = bytes.max(1);
     }
 
     /// Writes a checkpoint of the data (see [`data`]), then removes the
