@@ -138,9 +138,8 @@ const SNAPSHOT_CHUNK_KEYS: u32 = 10_000;
 const MOVED: &str = "partitions moved";
 /// A run of at most [`INLINE_APPLY_MAX_COMMITS`] commits, or of commits
 /// writing at most [`INLINE_APPLY_MAX_WRITES`] keys (a run's worth at 64
-/// clients), is applied on the worker
-/// itself; a longer one on the blocking pool, so that the node's one worker
-/// keeps serving meanwhile. Handing a run over costs two context switches
+/// clients), is applied on the worker itself; a longer one on the blocking
+/// pool, so that the node's one worker keeps serving meanwhile. Handing a run over costs two context switches
 /// per apply, which is more than a short run's writes.
 ///
 /// A single large transaction stays on the worker, as it always did: sent
@@ -534,7 +533,7 @@ impl Node {
             self.store.get(&key)
         } else {
             self.check_consistent()?;
-            self.store.get_between_applies(&key)
+            self.store.get(&key)
         }
     }
 

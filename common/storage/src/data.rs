@@ -47,6 +47,8 @@ use serde::{Deserialize, Serialize};
 use treaty_core::types::{RangeEntry, Write};
 use treaty_core::{Error, Result};
 
+use crate::files::io;
+
 pub(crate) const CHECKPOINT: &str = "data.checkpoint";
 pub(crate) const CHECKPOINT_TMP: &str = "data.checkpoint.tmp";
 const MAGIC: &[u8; 8] = b"TREATYCK";
@@ -158,7 +160,7 @@ impl Data {
 
     /// Counts a logged record; says whether a checkpoint is due now (and
     /// then marks one as started).
-    pub fn logged(&mut self, bytes: usize) -> bool {
+    pub fn count_logged(&mut self, bytes: usize) -> bool {
         self.logged += bytes as u64;
         let threshold = self.checkpoint_min.max(self.bytes).saturating_mul(self.jitter) / 100;
         let due = !self.checkpointing && self.logged >= threshold;
@@ -192,7 +194,7 @@ pub(crate) enum Record {
 /// [`Record`] as it is written, borrowing what it holds (same encoding).
 #[derive(Serialize)]
 pub(crate) enum RecordOut<'a> {
-    Apply { last: u64, runs: Vec<(u64, &'a [Write])> },
+    Apply { last: u64, runs: &'a [(u64, &'a [Write])] },
     Replace { removed: &'a [Key], stored: &'a [RangeEntry] },
     Applied(u64),
 }
@@ -201,11 +203,6 @@ impl RecordOut<'_> {
     pub fn encode(&self) -> Vec<u8> {
         bincode::serialize(self).expect("in-memory serialization cannot fail")
     }
-}
-
-fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
-    let (what, path) = (what.to_string(), path.display().to_string());
-    move |e| Error::Storage(format!("cannot {what} {path}: {e}"))
 }
 
 /// Writes a checkpoint to `tmp` and syncs it: the header, then the entries

@@ -137,6 +137,10 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, PathBuf)> {
     files::open(dir, cache_bytes, files::Policy::DEFAULT)
 }
 
+fn has_tree(db: &sled::Db, name: &str) -> bool {
+    db.tree_names().iter().any(|n| n.as_ref() == name.as_bytes())
+}
+
 fn u64_at(tree: &sled::Tree, key: &str) -> Result<Option<u64>> {
     Ok(tree.get(key).db()?.map(|v| u64::from_be_bytes(v.as_ref().try_into().expect("8-byte meta value"))))
 }
@@ -264,7 +268,7 @@ impl ReplicaStore {
     pub fn open(dir: &Path, node_id: u64) -> Result<Self> {
         let (db, files) = open_db(dir, REPLICA_CACHE_BYTES)?;
         let meta = db.open_tree("meta").db()?;
-        if db.tree_names().iter().any(|n| n.as_ref() == b"decisions") {
+        if has_tree(&db, "decisions") {
             return Err(Error::Identity(format!(
                 "data dir {} belongs to a coordinator, not a participant: give participant {node_id} its own directory",
                 dir.display()
@@ -293,7 +297,7 @@ impl ReplicaStore {
         let _ = std::fs::remove_file(dir.join(data::CHECKPOINT_TMP));
         let (state, migrated) = match data::read(&dir.join(data::CHECKPOINT))? {
             Some(state) => {
-                if db.tree_names().iter().any(|n| n.as_ref() == b"data") {
+                if has_tree(&db, "data") {
                     // Converted already; a crash came before the old tree went.
                     db.drop_tree("data").db()?;
                 }
@@ -331,7 +335,7 @@ impl ReplicaStore {
         let mut applied = u64_at(meta, "applied_index")?.unwrap_or(0);
         let mut state = Data::new(0, 0);
         let mut found = false;
-        if db.tree_names().iter().any(|n| n.as_ref() == b"data") {
+        if has_tree(db, "data") {
             let tree = db.open_tree("data").db()?;
             for item in tree.iter() {
                 let (key, stored) = item.db()?;
@@ -375,7 +379,7 @@ impl ReplicaStore {
         let bytes = record.encode();
         self.datalog.insert(state.next_seq.to_be_bytes(), bytes.as_slice()).db()?;
         state.next_seq += 1;
-        if state.logged(bytes.len()) {
+        if state.count_logged(bytes.len()) {
             let store = self.clone();
             std::thread::Builder::new()
                 .name("checkpoint".into())
@@ -493,20 +497,13 @@ impl ReplicaStore {
         Ok(self.read_state().applied)
     }
 
-    /// A key's value and version. The empty key is no client key (it holds
-    /// the applied index) and reads as missing.
+    /// A key's value and version, between applies, never in the middle of
+    /// one: a stale read, which does not wait for the key's prepared
+    /// transaction, sees a transaction this replica applies wholly or not
+    /// at all, read after read.
     pub fn get(&self, key: &[u8]) -> Result<Option<Versioned>> {
         let state = self.read_state();
         Ok(state.map.get(key).map(|(version, value)| Versioned { value: value.clone(), version: *version }))
-    }
-
-    /// [`get`](Self::get) between applies, never in the middle of one: a
-    /// stale read, which does not wait for the key's prepared transaction,
-    /// sees a transaction this replica applies wholly or not at all, read
-    /// after read. (A linearizable read waits until the key is not held,
-    /// which it is until its apply has ended.)
-    pub fn get_between_applies(&self, key: &[u8]) -> Result<Option<Versioned>> {
-        self.get(key)
     }
 
     /// How many keys are stored.
@@ -611,7 +608,7 @@ impl ReplicaStore {
         };
         let runs: Vec<(u64, &[Write])> = entries.iter().map(|e| (e.index, e.writes.as_slice())).collect();
         let mut state = self.write_state();
-        self.log_change(&mut state, &RecordOut::Apply { last: last.index, runs: runs.clone() })?;
+        self.log_change(&mut state, &RecordOut::Apply { last: last.index, runs: &runs })?;
         // Test-only: a crash with the run logged and not yet in memory.
         fail::fail_point!("storage::mid_apply_data", |_| {
             let _ = self.db.flush();
@@ -1004,7 +1001,7 @@ impl CoordinatorStore {
             Err(e) => return Err(Error::Storage(format!("cannot read {}: {e}", id_file.display()))),
         };
         let (db, files) = open_db(dir, COORDINATOR_CACHE_BYTES)?;
-        if db.tree_names().iter().any(|n| n.as_ref() == b"wal") {
+        if has_tree(&db, "wal") {
             return Err(Error::Identity(format!(
                 "data dir {} belongs to a participant, not the coordinator: give the coordinator its own directory",
                 dir.display()
@@ -1491,7 +1488,7 @@ mod tests {
             s.flush().unwrap();
         }
         let s = reopen(|| ReplicaStore::open(dir.path(), 1)).unwrap();
-        assert!(!s.db.tree_names().iter().any(|n| n.as_ref() == b"data"), "the old tree is dropped once converted");
+        assert!(!has_tree(&s.db, "data"), "the old tree is dropped once converted");
         assert!(dir.path().join(data::CHECKPOINT).exists());
         assert_eq!(s.applied_index().unwrap(), 1);
         assert_eq!(s.key_count(), 2);
@@ -1510,7 +1507,7 @@ mod tests {
         assert_eq!((s.applied_index().unwrap(), s.consistent_from().unwrap()), (3, 0));
         assert_eq!(s.get(b"a").unwrap().unwrap(), Versioned { value: b"3".to_vec(), version: 3 });
         assert_eq!(s.get(b"b").unwrap(), None);
-        assert_eq!(s.get_between_applies(b"c").unwrap().unwrap(), Versioned { value: b"3".to_vec(), version: 3 });
+        assert_eq!(s.get(b"c").unwrap().unwrap(), Versioned { value: b"3".to_vec(), version: 3 });
         // An install's mark still counts when it is the higher one.
         s.meta.insert("consistent_from", &9u64.to_be_bytes()).unwrap();
         assert_eq!(s.consistent_from().unwrap(), 9);

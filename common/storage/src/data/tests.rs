@@ -227,7 +227,7 @@ fn a_record_reads_back_as_written() {
     let writes = [Write::Put(b"a".to_vec(), b"1".to_vec()), Write::Delete(b"b".to_vec())];
     let mut data = super::Data::new(0, 0);
     data.put(b"b", 1, b"old");
-    data.replay(&super::RecordOut::Apply { last: 9, runs: vec![(9, &writes[..])] }.encode()).unwrap();
+    data.replay(&super::RecordOut::Apply { last: 9, runs: &[(9, &writes[..])] }.encode()).unwrap();
     assert_eq!(data.map, Model::from([(b"a".to_vec(), (9, b"1".to_vec()))]));
     assert_eq!(data.applied, 9);
     let removed = [super::Key(b"a".to_vec())];

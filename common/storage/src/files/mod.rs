@@ -67,7 +67,7 @@ impl Policy {
     }
 }
 
-fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let (what, path) = (what.to_string(), path.display().to_string());
     move |e| Error::Storage(format!("cannot {what} {path}: {e}"))
 }
